@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# README command (a): install Bulkhead, set everything up, start the daemon, show the qubes.
+# Idempotent: run it again and it only checks (seconds).
+source "$(dirname "$0")/bootstrap.sh"
+# The tools on root's PATH, as Qubes has them in dom0.
+for tool in "$BULKHEAD_VENV"/bin/bulkhead "$BULKHEAD_VENV"/bin/qvm-* "$BULKHEAD_VENV"/bin/qubes-prefs; do
+    ln -sf "$tool" "/usr/local/bin/$(basename "$tool")"
+done
+exec bulkhead setup "$@"

@@ -1,0 +1,165 @@
+"""``bulkhead.vm.Run``: qvm-run's command stream, relayed between a client and a qube's agent.
+
+Qubes' Admin API is request/reply; running a command needs stdin, stdout and
+stderr to flow both ways for as long as the command runs.  So after the header
+``bulkhead.vm.Run dom0 name VM\\0`` the connection carries frames of
+:mod:`bulkhead.guest.protocol` on channel 1:
+
+- client -> daemon: one EXEC (``user\\0command``) or SERVICE
+  (``user\\0service+arg\\0source``) frame first, then STDIN frames (empty =
+  end of input) and SIGNAL frames;
+- daemon -> client: STDOUT and STDERR frames (empty = end of that stream),
+  ERROR (a message) and finally EXIT (the exit code).
+
+A refusal before the command starts (unknown or halted qube, malformed first
+frame) is an ordinary ``2\\0`` error reply instead.  Flow control towards the
+client is the socket's own: the relay waits for each write to drain before it
+takes more output from the qube, and the qube's credit waits with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+
+from ..agentlink import Call as AgentCall
+from ..errors import ProtocolError, QubesVMNotRunningError
+from ..guest import protocol as P
+from .registry import Call, stream
+
+log = logging.getLogger(__name__)
+
+CHANNEL = 1
+FIRST_FRAME_TIMEOUT = 30.0
+CLIENT_TYPES = frozenset({P.EXEC, P.SERVICE, P.STDIN, P.SIGNAL, P.CREDIT})
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
+    """The next frame from the client on our channel; None at a clean end of stream."""
+    try:
+        header = await reader.readexactly(P.HEADER_SIZE)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise ProtocolError("the client closed the stream in the middle of a frame") from None
+        return None
+    try:
+        mtype, chan, length = P.parse_header(header, CLIENT_TYPES)
+    except P.ProtocolViolation as e:
+        raise ProtocolError(str(e)) from None
+    if chan != CHANNEL:
+        raise ProtocolError(f"frames of bulkhead.vm.Run go on channel {CHANNEL}, not {chan}")
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("the client closed the stream in the middle of a frame") from None
+    return mtype, payload
+
+
+def _check_user(untrusted_user: str) -> str:
+    if not USER_RE.match(untrusted_user):
+        raise ProtocolError(f"invalid user name {untrusted_user[:40]!r}")
+    return untrusted_user
+
+
+@stream("bulkhead.vm.Run", dest="vm")
+async def vm_run(call: Call, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    vm = call.dest
+    try:
+        first = await asyncio.wait_for(_read_frame(reader), FIRST_FRAME_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise ProtocolError("no EXEC or SERVICE frame after the header") from None
+    if first is None or first[0] not in (P.EXEC, P.SERVICE):
+        raise ProtocolError("bulkhead.vm.Run must start with an EXEC or SERVICE frame")
+    mtype, untrusted_payload = first
+    try:
+        if mtype == P.EXEC:
+            untrusted_user, command = P.split_exec(untrusted_payload)
+            user = _check_user(untrusted_user)
+        else:
+            untrusted_user, service, _source = P.split_service(untrusted_payload)
+            user = _check_user(untrusted_user)
+    except P.ProtocolViolation as e:
+        raise ProtocolError(str(e)) from None
+    if not vm.is_running():
+        raise QubesVMNotRunningError(vm)
+    link = await call.app.lifecycle.agent(vm)
+    if mtype == P.EXEC:
+        agent_call = await link.exec(user, command)
+    else:
+        agent_call = await link.service(user, service, "dom0")
+    await _relay(vm.name, agent_call, reader, writer)
+
+
+async def _relay(qube: str, agent_call: AgentCall, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+    inbound = asyncio.create_task(_client_to_qube(agent_call, reader))
+    finished = False
+    try:
+        while True:
+            kind, value = await agent_call.next_event()
+            if kind == "stdout" or kind == "stderr":
+                assert isinstance(value, bytes)
+                writer.write(P.pack(P.STDOUT if kind == "stdout" else P.STDERR, CHANNEL, value))
+            elif kind == "error":
+                assert isinstance(value, str)
+                writer.write(P.pack(P.ERROR, CHANNEL, value.encode()[:1024]))
+            elif kind == "exit":
+                assert isinstance(value, int)
+                writer.write(P.pack(P.STDOUT, CHANNEL, b"") + P.pack(P.STDERR, CHANNEL, b"")
+                             + P.pack(P.EXIT, CHANNEL, P.i32(value)))
+                finished = True
+            await writer.drain()
+            if finished:
+                return
+    except (ConnectionError, OSError):
+        log.info("qube %s: the qvm-run client went away; hanging up the command", qube)
+    finally:
+        inbound.cancel()
+        if not finished and not agent_call.done:
+            # The client hung up: tell the command, as a closed terminal would.
+            try:
+                await agent_call.signal(signal.SIGHUP)
+                await agent_call.close_stdin()
+            except Exception:  # noqa: BLE001 -- the qube may be gone too
+                pass
+            asyncio.ensure_future(_drain(agent_call))
+
+
+async def _client_to_qube(agent_call: AgentCall, reader: asyncio.StreamReader) -> None:
+    try:
+        while True:
+            frame = await _read_frame(reader)
+            if frame is None:
+                await agent_call.close_stdin()
+                return
+            mtype, untrusted_payload = frame
+            if mtype == P.STDIN:
+                if untrusted_payload:
+                    await agent_call.write(untrusted_payload)
+                else:
+                    await agent_call.close_stdin()
+            elif mtype == P.SIGNAL:
+                signum = P.parse_u32(untrusted_payload)
+                if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL,
+                              signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+                    await agent_call.signal(signum)
+            # CREDIT from the client is allowed and ignored: the socket paces us.
+    except (ProtocolError, P.ProtocolViolation) as e:
+        log.warning("bulkhead.vm.Run: bad frame from the client: %s", e)
+        await agent_call.signal(signal.SIGHUP)
+    except (ConnectionError, OSError, asyncio.CancelledError):
+        pass
+
+
+async def _drain(agent_call: AgentCall) -> None:
+    """Consume what is left of an abandoned call so its channel closes."""
+    try:
+        while True:
+            kind, _ = await asyncio.wait_for(agent_call.next_event(), 3600)
+            if kind == "exit":
+                return
+    except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+        pass

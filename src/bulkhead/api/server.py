@@ -1,0 +1,250 @@
+"""The Admin API server: a unix socket speaking Qubes' qubesd protocol.
+
+Every client is treated as hostile until its request has been checked:
+
+- the header must end with a NUL within :data:`protocol.MAX_HEADER` bytes
+  and have Qubes' shape (see :mod:`bulkhead.api.protocol`);
+- the payload is read to the client's EOF, up to the method's
+  ``max_payload`` (64 KiB unless a method says otherwise);
+- header and payload must arrive within ``read_timeout`` seconds;
+- at most ``max_connections`` connections are served at once; the next ones
+  get an error reply at once;
+- every refused request gets an error reply with Qubes' exception class
+  (ProtocolError, QubesValueError, QubesVMNotFoundError...) and a log line;
+  an unexpected exception is logged with its traceback and answered with a
+  generic QubesException.  Nothing a client sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (PermissionDenied, ProtocolError, QubesException, QubesVMNotFoundError)
+from ..vm import validate_name
+from . import protocol
+from .registry import REGISTRY, Call, MethodSpec, Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..app import App
+
+log = logging.getLogger("bulkhead.api")
+
+#: seconds a finished connection may take to flush its reply before it is cut
+CLOSE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header: int = protocol.MAX_HEADER
+    read_timeout: float = 30.0
+    max_connections: int = 256
+
+
+class AdminServer:
+    """Serve ``app`` on the unix socket ``socket_path``."""
+
+    def __init__(self, app: "App", socket_path: Path | str, *, registry: Registry | None = None,
+                 limits: Limits | None = None, socket_mode: int = 0o660) -> None:
+        self.app = app
+        self.socket_path = Path(socket_path)
+        self.registry = registry or REGISTRY
+        self.limits = limits or Limits()
+        self.socket_mode = socket_mode
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    # --- the socket -----------------------------------------------------------------
+    async def start(self) -> None:
+        self._remove_stale_socket()
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        old_umask = os.umask(0o117)  # never world-accessible, not even for a moment
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, self.socket_mode)
+        log.info("Admin API listening on %s", self.socket_path)
+
+    def _remove_stale_socket(self) -> None:
+        """Remove a socket left by a dead daemon; refuse if a live one answers."""
+        try:
+            mode = self.socket_path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise FileExistsError(f"{self.socket_path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.socket_path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            self.socket_path.unlink(missing_ok=True)
+        else:
+            raise FileExistsError(f"another daemon is listening on {self.socket_path}")
+        finally:
+            probe.close()
+
+    async def close(self) -> None:
+        """Stop accepting, end the connections in progress, remove the socket."""
+        if self._server is not None:
+            self._server.close()
+        for task, writer in list(self._connections.items()):
+            writer.transport.abort()  # do not wait for clients that do not read
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        self.socket_path.unlink(missing_ok=True)
+
+    # --- one connection -------------------------------------------------------------
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._connections) >= self.limits.max_connections:
+            log.warning("refusing a connection: %d connections already", len(self._connections))
+            await self._reply(writer, protocol.encode_error(
+                QubesException("Too many connections to the Admin API; try again later")))
+            await self._close(writer)
+            return
+        self._connections[task] = writer
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._connections.pop(task, None)
+            await self._close(writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        header: protocol.Header | None = None
+        payload_len = 0
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.limits.read_timeout
+            untrusted_header = await _within(self._read_header(reader), self.limits.read_timeout)
+            header = protocol.parse_header(untrusted_header)
+            spec = self.registry.lookup(header.method)
+            if spec is None:
+                raise ProtocolError(f"no such method: {header.method!r}")
+            call = self._make_call(header, spec)
+            if spec.streaming:
+                await spec.handler(call, reader, writer)
+                return
+            untrusted_payload = await _within(self._read_payload(reader, spec.max_payload),
+                                              deadline - loop.time())
+            payload_len = len(untrusted_payload)
+            if spec.payload is True and not untrusted_payload:
+                raise ProtocolError("expected payload")
+            if spec.payload is False and untrusted_payload:
+                raise ProtocolError("unexpected payload")
+            call.untrusted_payload = untrusted_payload
+            result = await spec.handler(call)
+            await self._reply(writer, protocol.encode_reply(result))
+        except (ProtocolError, PermissionDenied, QubesException) as exc:
+            log.warning("refused %s, payload %d bytes: %s: %s",
+                        header.describe() if header else "<no valid header>", payload_len,
+                        type(exc).__name__, exc)
+            await self._reply(writer, protocol.encode_error(exc))
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.info("client went away during %s: %s",
+                     header.describe() if header else "a request", exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the server must survive any request
+            log.exception("unexpected error handling %s",
+                          header.describe() if header else "a request")
+            await self._reply(writer, protocol.encode_error(QubesException(
+                "Internal error of the Bulkhead daemon; see its log")))
+
+    async def _read_header(self, reader: asyncio.StreamReader) -> bytes:
+        try:
+            untrusted_header = await reader.readuntil(b"\0")
+        except asyncio.IncompleteReadError:
+            raise ProtocolError("the request has no header (no NUL before the end)") from None
+        except asyncio.LimitOverrunError:
+            raise ProtocolError(f"request header longer than {self.limits.max_header} "
+                                f"bytes") from None
+        if len(untrusted_header) - 1 > self.limits.max_header:
+            raise ProtocolError(f"request header longer than {self.limits.max_header} bytes")
+        return untrusted_header[:-1]
+
+    @staticmethod
+    async def _read_payload(reader: asyncio.StreamReader, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = await reader.read(min(65536, limit + 1 - total))
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > limit:
+                raise ProtocolError(f"payload longer than {limit} bytes")
+            chunks.append(chunk)
+
+    def _make_call(self, header: protocol.Header, spec: MethodSpec) -> Call:
+        app = self.app
+        # The socket is dom0's (mode 0660): calls from qubes come through qrexec and
+        # its policy, which is not wired to this socket; so only dom0 may call.
+        if header.src != "dom0":
+            raise PermissionDenied(f"calls from {header.src!r} are not allowed on this socket")
+        src = app.domains["dom0"]
+        dest = self._decode_dest(header.dest)
+        is_dom0 = dest.qid == 0
+        if spec.dest == "dom0" and not is_dom0:
+            raise ProtocolError(f"{spec.name} must be called on dom0")
+        if spec.dest == "vm" and is_dom0:
+            raise ProtocolError(f"{spec.name} cannot be called on dom0")
+        if spec.arg is True and not header.arg:
+            raise ProtocolError("expected an argument")
+        if spec.arg is False and header.arg:
+            raise ProtocolError("unexpected argument")
+        return Call(app=app, src=src, dest=dest, method=header.method, arg=header.arg,
+                    endpoint=spec.endpoint)
+
+    def _decode_dest(self, untrusted_dest: str) -> Any:
+        if untrusted_dest.startswith("uuid:"):
+            vm = self.app.domains.get(untrusted_dest)
+            if vm is None:
+                raise QubesVMNotFoundError(untrusted_dest)
+            return vm
+        if untrusted_dest != "dom0":
+            validate_name(None, None, untrusted_dest)
+        return self.app.domains[untrusted_dest]
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, data: bytes) -> None:
+        try:
+            writer.write(data)
+            await writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass
+
+    @staticmethod
+    async def _close(writer: asyncio.StreamWriter) -> None:
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (OSError, RuntimeError):
+            pass
+        writer.close()
+        try:
+            # A client that does not read would keep the reply buffered forever.
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+        except (OSError, RuntimeError):
+            pass
+
+
+async def _within(read: Any, seconds: float) -> Any:
+    """Await a read of the request; a client too slow to send it gets a ProtocolError."""
+    try:
+        return await asyncio.wait_for(read, max(0.0, seconds))
+    except asyncio.TimeoutError:
+        raise ProtocolError("timeout: the request was not sent in time") from None

@@ -1,0 +1,91 @@
+"""The ``bulkhead`` command: what Qubes does at install time, and the daemon.
+
+    bulkhead setup [--no-install] [--no-default-qubes]   set everything up, start the daemon, qvm-ls
+    bulkhead prepare [--no-install]                      packages, kernel, template image only
+    bulkhead daemon [--detach]                           the admin daemon (Qubes' qubesd)
+    bulkhead info                                        acceleration, kernel, template, daemon
+    bulkhead template build debian-12                    rebuild the template image and import it
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import Paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bulkhead", description="Bulkhead: Qubes OS's design on QEMU.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("setup", help="install, build and start everything; ends with qvm-ls")
+    s.add_argument("--no-install", action="store_true", help="do not apt-get install missing packages")
+    s.add_argument("--no-default-qubes", action="store_true", help="create only the template")
+    s = sub.add_parser("prepare", help="host packages, qube kernel and template image only")
+    s.add_argument("--no-install", action="store_true")
+    s = sub.add_parser("daemon", help="run the admin daemon")
+    s.add_argument("--detach", action="store_true", help="run in the background (pidfile, log file)")
+    sub.add_parser("info", help="what this host runs qubes with")
+    s = sub.add_parser("template", help="template images")
+    tsub = s.add_subparsers(dest="template_command", required=True)
+    b = tsub.add_parser("build", help="rebuild a template's image and import it as a new root revision")
+    b.add_argument("name", choices=["debian-12"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    paths = Paths.from_env()
+    from .setup.progress import SetupError, console
+    try:
+        if args.command == "setup":
+            from .setup.run import run_setup
+            return run_setup(paths, install_packages=not args.no_install,
+                             default_qubes=not args.no_default_qubes)
+        if args.command == "prepare":
+            from .setup.run import prepare
+            prepare(paths, install_packages=not args.no_install)
+            return 0
+        if args.command == "daemon":
+            from .daemon import run_daemon
+            return run_daemon(paths, detach=args.detach) or 0
+        if args.command == "info":
+            return info(paths)
+        if args.command == "template":
+            from .client.app import App
+            from .client.connection import Connection
+            from .setup import template
+            from .setup.defaults import ensure_template
+            from .setup.run import prepare
+            _, kid, image, key = prepare(paths, install_packages=False)
+            print(ensure_template(App(Connection(str(paths.socket))), image, key, kid))
+            return 0
+    except SetupError as e:
+        console.print(f"[red]bulkhead {args.command}: {e}[/]")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def info(paths: Paths) -> int:
+    from .backend.accel import detect
+    from .setup import kernel, template
+    from .setup.run import daemon_answers
+    print(f"home:      {paths.home}")
+    print(f"socket:    {paths.socket} ({'answering' if daemon_answers(paths) else 'no daemon'})")
+    print(f"cache:     {paths.cache}")
+    try:
+        kid = kernel.kernel_id()
+        vmlinux = paths.vm_kernels / kid / "vmlinux"
+        print(f"kernel:    {kid} ({'installed' if vmlinux.exists() else 'not built yet'})")
+        if vmlinux.exists():
+            print(f"accel:     {detect(vmlinux, paths.cache).describe()}")
+        print(f"template:  debian-12 image {template.image_key()}")
+    except Exception as e:  # noqa: BLE001 -- info must always print what it can
+        print(f"(incomplete: {e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

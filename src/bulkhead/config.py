@@ -1,0 +1,87 @@
+"""Where Bulkhead keeps things.
+
+Every path derives from two environment variables so that tests can run many
+independent instances side by side:
+
+- ``BULKHEAD_HOME`` (default ``/var/lib/bulkhead``): the durable state, i.e. the
+  store, the volumes, the kernels and the build cache.
+- ``BULKHEAD_SOCKET`` (default ``/run/qubesd.sock``, the path Qubes' own
+  clients use): the Admin API socket.
+
+``BULKHEAD_CACHE`` may point the download/build cache somewhere shared (tests
+use it so that the kernel and template are built once per machine, not once
+per test instance); it defaults to ``$BULKHEAD_HOME/cache``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = "/var/lib/bulkhead"
+DEFAULT_SOCKET = "/run/qubesd.sock"
+
+
+@dataclass(frozen=True)
+class Paths:
+    home: Path
+    socket: Path
+    cache: Path
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Paths":
+        env = os.environ if env is None else env
+        home = Path(env.get("BULKHEAD_HOME") or DEFAULT_HOME).absolute()
+        socket = Path(env.get("BULKHEAD_SOCKET") or DEFAULT_SOCKET).absolute()
+        cache = Path(env.get("BULKHEAD_CACHE") or home / "cache").absolute()
+        return cls(home=home, socket=socket, cache=cache)
+
+    # --- durable state -------------------------------------------------
+    @property
+    def store(self) -> Path:
+        """The SQLite database holding every qube's definition."""
+        return self.home / "qubes.db"
+
+    @property
+    def pools(self) -> Path:
+        return self.home / "pools"
+
+    @property
+    def vm_kernels(self) -> Path:
+        """Kernels qubes boot, one directory per version (Qubes: /var/lib/qubes/vm-kernels)."""
+        return self.home / "vm-kernels"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.home / "daemon.pid"
+
+    # --- runtime state (sockets, pidfiles of running QEMUs) ---------------
+    @property
+    def run(self) -> Path:
+        """Per-instance runtime directory.
+
+        Unix socket paths are limited to 107 bytes, and a test's
+        ``$BULKHEAD_HOME`` can be long, so runtime files live under a short
+        path derived from the home directory instead of inside it.  It is on
+        /run (tmpfs): after a host reboot no VM is running, and none is found.
+        """
+        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:10]
+        return Path("/run/bulkhead") / digest
+
+    def qube_run_dir(self, name: str) -> Path:
+        return self.run / "qubes" / name
+
+    @property
+    def netns_name(self) -> str:
+        """Name of dom0's network namespace (``ip netns`` style), one per instance."""
+        return "bulkhead-" + self.run.name
+
+
+def paths() -> Paths:
+    return Paths.from_env()

@@ -1,0 +1,375 @@
+"""Bulkhead's guest agent: runs in every qube, serves dom0 over one virtio-serial port.
+
+It plays the part of Qubes' qrexec-agent: dom0 asks it to run a command or a
+qrexec service as ``user`` or ``root``; stdin, stdout and stderr stream both
+ways with credit-based flow control, many calls at once on one port; the exit
+code comes back at the end.  It also powers the qube off when dom0 asks.
+
+Start-up speed matters (dom0 counts a qube as started when this agent says
+HELLO), and under TCG every imported module costs tens of milliseconds.  So
+this module imports only builtins -- ``os``, ``sys``, ``select``, ``pwd`` and
+the sibling :mod:`protocol` -- and uses ``os.fork``/``os.execve`` and pidfds
+instead of ``subprocess``, ``signal``, ``asyncio`` or threads.
+"""
+
+import os
+import pwd
+import select
+import sys
+
+from . import protocol as P
+
+PORT_NAME = "org.qubes-os.qrexec"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RPC_DIRS = ("/etc/qubes-rpc", "/usr/local/etc/qubes-rpc")
+# Commands run with the template's static busybox shell when it has one: under
+# TCG it starts in ~10 ms where the dynamically linked dash takes ~45 ms, and
+# that start is most of a qvm-run round trip.  Both are POSIX shells.
+SHELL = ("/bin/busybox", "sh") if os.path.exists("/bin/busybox") else ("/bin/sh", "sh")
+READ_CHUNK = 65536
+# How much dom0-bound output may wait in our send buffer before we stop reading
+# from children (credits already bound it per call; this bounds the total).
+OUT_HIGH_WATER = 4 * 1024 * 1024
+
+POLLIN = select.POLLIN
+POLLOUT = select.POLLOUT
+POLLERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+def log(msg):
+    try:
+        os.write(2, ("bulkhead-agent: %s\n" % msg).encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def find_port():
+    """The /dev node of our virtio-serial port, found by its name in sysfs (no udev here)."""
+    base = "/sys/class/virtio-ports"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open("%s/%s/name" % (base, entry)) as f:
+                if f.read().strip() == PORT_NAME:
+                    return "/dev/" + entry
+        except OSError:
+            continue
+    return None
+
+
+class Call:
+    """One command or service run for dom0 on one channel."""
+
+    def __init__(self, chan, pid, pidfd, stdin_fd, stdout_fd, stderr_fd):
+        self.chan = chan
+        self.pid = pid
+        self.pidfd = pidfd
+        self.stdin_fd = stdin_fd          # our write end of the child's stdin, or None once closed
+        self.out_fds = {stdout_fd: P.STDOUT, stderr_fd: P.STDERR}
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.credit = P.WINDOW            # bytes of output we may still send before dom0 credits us
+        self.exit_code = None
+        self.orphaned = False             # dom0 went away: discard output, just reap
+
+    def finished(self):
+        return self.exit_code is not None and not self.out_fds
+
+
+class Agent:
+    def __init__(self, port_path):
+        self.port_path = port_path
+        self.fd = -1
+        self.reader = None
+        self.out = bytearray()
+        self.calls = {}        # chan -> Call
+        self.by_fd = {}        # fd -> (Call, role) role in "stdin", "out", "pid"
+        self.connected = False
+
+    # --- the port ---------------------------------------------------------
+    def open_port(self):
+        # The port is exclusive: retry while someone else (a previous agent) holds it.
+        while True:
+            try:
+                self.fd = os.open(self.port_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                break
+            except OSError as e:
+                log("cannot open %s (%s); retrying" % (self.port_path, e.strerror))
+                select.poll().poll(500)
+        self.hello()
+
+    def hello(self):
+        self.reader = P.FrameReader(P.FROM_DOM0)
+        self.out = bytearray(P.pack(P.HELLO, 0, P.u32(P.VERSION)))
+        self.connected = False
+
+    def send(self, mtype, chan, payload=b""):
+        self.out += P.pack(mtype, chan, payload)
+
+    def dom0_gone(self):
+        """dom0 closed its end (daemon restart or it dropped us): detach every call, say hello again."""
+        for call in list(self.calls.values()):
+            call.orphaned = True
+            self.close_stdin(call)
+        self.hello()
+
+    # --- calls ----------------------------------------------------------------
+    def start_call(self, chan, user, path, argv, extra_env):
+        if chan in self.calls:
+            raise P.ProtocolViolation("channel %d already in use" % chan)
+        if len(self.calls) >= P.MAX_CHANNELS:
+            return self.refuse(chan, "too many calls at once")
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            return self.refuse(chan, "no such user: %s" % user)
+        env = {
+            "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
+            "SHELL": pw.pw_shell or "/bin/sh", "PATH": PATH, "LANG": "C.UTF-8",
+        }
+        env.update(extra_env)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            try:
+                os.setsid()
+                os.dup2(in_r, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                if pw.pw_uid != 0:
+                    os.initgroups(pw.pw_name, pw.pw_gid)
+                    os.setgid(pw.pw_gid)
+                    os.setuid(pw.pw_uid)
+                try:
+                    os.chdir(pw.pw_dir)
+                except OSError:
+                    os.chdir("/")
+                os.execve(path, argv, env)
+            except BaseException as e:  # noqa: B036 -- report anything, then die
+                try:
+                    os.write(2, ("bulkhead-agent: cannot run %s: %s\n" % (path, e)).encode())
+                finally:
+                    os._exit(127)
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        for fd in (in_w, out_r, err_r):
+            os.set_blocking(fd, False)
+        pidfd = os.pidfd_open(pid)
+        call = Call(chan, pid, pidfd, in_w, out_r, err_r)
+        self.calls[chan] = call
+        self.by_fd[in_w] = (call, "stdin")
+        self.by_fd[out_r] = (call, "out")
+        self.by_fd[err_r] = (call, "out")
+        self.by_fd[pidfd] = (call, "pid")
+
+    def refuse(self, chan, message):
+        self.send(P.ERROR, chan, message.encode("utf-8")[:1024])
+        self.send(P.EXIT, chan, P.i32(127))
+
+    def exec_request(self, chan, payload):
+        user, command = P.split_exec(payload)
+        self.start_call(chan, user, SHELL[0], [SHELL[1], "-c", command],
+                        {"QREXEC_REMOTE_DOMAIN": "dom0"})
+
+    def service_request(self, chan, payload):
+        user, service, source = P.split_service(payload)
+        name, _, arg = service.partition("+")
+        for d in RPC_DIRS:
+            for candidate in (service, name):
+                path = "%s/%s" % (d, candidate)
+                if os.path.isfile(path):
+                    if os.access(path, os.X_OK):
+                        prog, argv = path, [path]
+                    else:
+                        prog, argv = "/bin/sh", ["sh", path]
+                    env = {"QREXEC_REMOTE_DOMAIN": source, "QREXEC_SERVICE_FULL_NAME": service,
+                           "QREXEC_SERVICE_ARGUMENT": arg}
+                    return self.start_call(chan, user, prog, argv, env)
+        self.refuse(chan, "service %s not found" % service)
+
+    def close_stdin(self, call):
+        if call.stdin_fd is not None:
+            self.by_fd.pop(call.stdin_fd, None)
+            os.close(call.stdin_fd)
+            call.stdin_fd = None
+        call.stdin_buf.clear()
+
+    def close_out(self, call, fd):
+        mtype = call.out_fds.pop(fd)
+        self.by_fd.pop(fd, None)
+        os.close(fd)
+        if not call.orphaned:
+            self.send(mtype, call.chan, b"")
+
+    def reap(self, call):
+        self.by_fd.pop(call.pidfd, None)
+        os.close(call.pidfd)
+        call.pidfd = None
+        try:
+            _, status = os.waitpid(call.pid, 0)
+            call.exit_code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            call.exit_code = 255
+        if call.exit_code < 0:  # killed by a signal: report it as a shell would
+            call.exit_code = 128 - call.exit_code
+
+    def maybe_finish(self, call):
+        if not call.finished():
+            return
+        self.close_stdin(call)
+        if not call.orphaned:
+            self.send(P.EXIT, call.chan, P.i32(call.exit_code))
+        del self.calls[call.chan]
+
+    # --- frames from dom0 --------------------------------------------------
+    def handle(self, mtype, chan, payload):
+        if mtype == P.HELLO:
+            version = P.parse_u32(payload)
+            if version != P.VERSION:
+                raise P.ProtocolViolation("dom0 speaks protocol version %d, we speak %d"
+                                          % (version, P.VERSION))
+            self.connected = True
+        elif mtype == P.PING:
+            self.send(P.PONG, 0, payload)
+        elif mtype == P.SHUTDOWN:
+            log("dom0 asked us to power off")
+            os.kill(1, 15)  # busybox init: SIGTERM = run shutdown actions, then reboot (QEMU exits)
+        elif mtype == P.EXEC:
+            self.exec_request(chan, payload)
+        elif mtype == P.SERVICE:
+            self.service_request(chan, payload)
+        else:
+            call = self.calls.get(chan)
+            if call is None:
+                return  # a late frame for a call that just ended: harmless
+            if mtype == P.STDIN:
+                if not payload:
+                    call.stdin_eof = True
+                    if not call.stdin_buf:
+                        self.close_stdin(call)
+                elif call.stdin_fd is None:
+                    self.send(P.CREDIT, chan, P.u32(len(payload)))  # child closed stdin: drop
+                else:
+                    call.stdin_buf += payload
+            elif mtype == P.CREDIT:
+                call.credit += P.parse_u32(payload)
+            elif mtype == P.SIGNAL:
+                try:
+                    os.killpg(call.pid, P.parse_u32(payload))
+                except (ProcessLookupError, PermissionError, OverflowError, ValueError):
+                    pass
+
+    # --- the loop ------------------------------------------------------------
+    def poll_set(self):
+        want = {self.fd: POLLIN | (POLLOUT if self.out else 0)}
+        room = len(self.out) < OUT_HIGH_WATER
+        for fd, (call, role) in self.by_fd.items():
+            if role == "pid":
+                want[fd] = POLLIN
+            elif role == "stdin":
+                if call.stdin_buf:
+                    want[fd] = POLLOUT
+            elif room and (call.credit > 0 or call.orphaned):
+                want[fd] = POLLIN
+        return want
+
+    def run(self):
+        self.open_port()
+        while True:
+            want = self.poll_set()
+            poller = select.poll()
+            for fd, ev in want.items():
+                poller.register(fd, ev)
+            events = poller.poll()
+            for fd, ev in events:
+                if fd == self.fd:
+                    self.port_event(ev)
+                elif fd in self.by_fd:
+                    self.child_event(fd, ev)
+
+    def port_event(self, ev):
+        if ev & POLLOUT and self.out:
+            try:
+                n = os.write(self.fd, self.out)
+                del self.out[:n]
+            except BlockingIOError:
+                pass
+        if ev & POLLIN:
+            try:
+                data = os.read(self.fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            if not data:
+                self.dom0_gone()
+                self.idle_until_host()
+                return
+            try:
+                for mtype, chan, payload in self.reader.feed(data):
+                    self.handle(mtype, chan, payload)
+            except P.ProtocolViolation as e:
+                # dom0 is trusted; a violation means a bug or version skew.  Start over.
+                log("protocol error from dom0: %s" % e)
+                self.dom0_gone()
+        elif ev & select.POLLHUP:
+            # No host end connected: the port reports HUP until dom0 connects.
+            self.idle_until_host()
+
+    def idle_until_host(self):
+        select.poll().poll(50)
+
+    def child_event(self, fd, ev):
+        call, role = self.by_fd[fd]
+        if role == "pid":
+            self.reap(call)
+        elif role == "stdin":
+            if ev & (select.POLLERR | select.POLLHUP):
+                self.close_stdin(call)  # the child closed its stdin
+            else:
+                try:
+                    n = os.write(fd, call.stdin_buf)
+                except BlockingIOError:
+                    return
+                except BrokenPipeError:
+                    n = len(call.stdin_buf)
+                    self.close_stdin(call)
+                else:
+                    del call.stdin_buf[:n]
+                if not call.orphaned:
+                    self.send(P.CREDIT, call.chan, P.u32(n))
+                if call.stdin_eof and not call.stdin_buf:
+                    self.close_stdin(call)
+        else:
+            limit = READ_CHUNK if call.orphaned else min(READ_CHUNK, call.credit)
+            try:
+                data = os.read(fd, limit)
+            except BlockingIOError:
+                return
+            if not data:
+                self.close_out(call, fd)
+            elif not call.orphaned:
+                call.credit -= len(data)
+                self.send(call.out_fds[fd], call.chan, data)
+        self.maybe_finish(call)
+
+
+def main():
+    port = None
+    for _ in range(100):
+        port = find_port()
+        if port:
+            break
+        select.poll().poll(20)
+    if not port:
+        log("no virtio-serial port named %s: is this a Bulkhead qube?" % PORT_NAME)
+        return 1
+    Agent(port).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The guest-agent protocol: framed, versioned, length-limited.
+
+This one module is used on both ends: dom0 imports it as
+``bulkhead.guest.protocol``; the template build installs this directory into
+the guest as the package ``bulkhead_guest``.  It therefore imports nothing but
+builtins (under TCG every import costs the guest's start-up time).
+
+Wire format.  Every message is a 12-byte header then ``length`` bytes::
+
+    u16 type | u16 flags (0) | u32 channel | u32 length      (little endian)
+
+- ``length`` is at most :data:`MAX_PAYLOAD`; a bigger one is a protocol
+  violation: dom0 closes the link and logs it.
+- Channel 0 is the control channel (HELLO, PING, SHUTDOWN).  Every other
+  channel is one call (a command or a qrexec service), numbered by dom0.
+- ``HELLO`` carries the protocol version; the guest sends it when it opens its
+  port, dom0 answers with its own.  A different major version closes the link.
+- Data flows with credit: each side may have at most :data:`WINDOW` bytes of a
+  channel's data in flight; the receiver returns ``CREDIT`` as it consumes.
+  So one slow reader never stalls the shared link, and nobody buffers without
+  bound.
+
+The same framing, on channel 1, carries ``bulkhead.vm.Run`` between the
+qvm-run client and the daemon (see :mod:`bulkhead.api.run`).
+"""
+
+VERSION = 1
+HEADER_SIZE = 12
+MAX_PAYLOAD = 65536
+WINDOW = 256 * 1024
+MAX_USER = 32
+MAX_COMMAND = 60000
+MAX_CHANNELS = 256
+
+# Message types.  Direction: d = dom0 -> guest, g = guest -> dom0.
+HELLO = 1          # d,g  u32 version
+EXEC = 2           # d    b"user\0command": run ``command`` with /bin/sh -c as ``user``
+STDIN = 3          # d    data; empty payload = end of input
+STDOUT = 4         # g    data; empty payload = end of output
+STDERR = 5         # g    data; empty payload = end of output
+EXIT = 6           # g    i32 exit code; the channel is over
+CREDIT = 7         # d,g  u32 bytes consumed
+SIGNAL = 8         # d    u32 signal number, sent to the call's process group
+SHUTDOWN = 9       # d    channel 0: power off the qube
+PING = 10          # d    channel 0: up to 64 bytes, echoed by PONG
+PONG = 11          # g
+ERROR = 12         # g    UTF-8 message: the call could not start; an EXIT follows
+SERVICE = 13       # d    b"user\0service+argument\0source-qube": run a qrexec service
+
+NAMES = {
+    HELLO: "HELLO", EXEC: "EXEC", STDIN: "STDIN", STDOUT: "STDOUT", STDERR: "STDERR",
+    EXIT: "EXIT", CREDIT: "CREDIT", SIGNAL: "SIGNAL", SHUTDOWN: "SHUTDOWN",
+    PING: "PING", PONG: "PONG", ERROR: "ERROR", SERVICE: "SERVICE",
+}
+
+# The largest payload each type may carry (a tighter bound than MAX_PAYLOAD).
+PAYLOAD_LIMIT = {
+    HELLO: 4, EXEC: MAX_USER + 1 + MAX_COMMAND, STDIN: MAX_PAYLOAD, STDOUT: MAX_PAYLOAD,
+    STDERR: MAX_PAYLOAD, EXIT: 4, CREDIT: 4, SIGNAL: 4, SHUTDOWN: 0, PING: 64, PONG: 64,
+    ERROR: 1024, SERVICE: MAX_USER + 1 + 256 + 1 + 32,
+}
+
+FROM_GUEST = frozenset({HELLO, STDOUT, STDERR, EXIT, CREDIT, PONG, ERROR})
+FROM_DOM0 = frozenset({HELLO, EXEC, STDIN, CREDIT, SIGNAL, SHUTDOWN, PING, SERVICE})
+CONTROL_ONLY = frozenset({HELLO, SHUTDOWN, PING, PONG})
+
+
+class ProtocolViolation(Exception):
+    """The peer sent something this protocol does not allow; the link must be closed."""
+
+
+def pack(mtype, chan, payload=b""):
+    n = len(payload)
+    if n > MAX_PAYLOAD:
+        raise ValueError("payload of %d bytes exceeds %d" % (n, MAX_PAYLOAD))
+    return (mtype.to_bytes(2, "little") + b"\0\0" + chan.to_bytes(4, "little")
+            + n.to_bytes(4, "little") + payload)
+
+
+def u32(value):
+    return int(value).to_bytes(4, "little")
+
+
+def i32(value):
+    return int(value).to_bytes(4, "little", signed=True)
+
+
+def parse_u32(payload):
+    if len(payload) != 4:
+        raise ProtocolViolation("expected a 4-byte integer, got %d bytes" % len(payload))
+    return int.from_bytes(payload, "little")
+
+
+def parse_i32(payload):
+    if len(payload) != 4:
+        raise ProtocolViolation("expected a 4-byte integer, got %d bytes" % len(payload))
+    return int.from_bytes(payload, "little", signed=True)
+
+
+def parse_header(header, allowed):
+    """Check a 12-byte header against the types ``allowed`` from this peer.
+
+    Returns ``(type, channel, length)``; raises ProtocolViolation otherwise.
+    """
+    mtype = int.from_bytes(header[0:2], "little")
+    flags = int.from_bytes(header[2:4], "little")
+    chan = int.from_bytes(header[4:8], "little")
+    length = int.from_bytes(header[8:12], "little")
+    if mtype not in allowed:
+        raise ProtocolViolation("unexpected message type %d" % mtype)
+    if flags != 0:
+        raise ProtocolViolation("nonzero flags %#x in %s" % (flags, NAMES[mtype]))
+    if length > PAYLOAD_LIMIT[mtype]:
+        raise ProtocolViolation("%s payload of %d bytes exceeds its limit of %d"
+                                % (NAMES[mtype], length, PAYLOAD_LIMIT[mtype]))
+    if (mtype in CONTROL_ONLY) != (chan == 0):
+        raise ProtocolViolation("%s on channel %d" % (NAMES[mtype], chan))
+    return mtype, chan, length
+
+
+class FrameReader:
+    """Incremental, bounded frame parser: feed bytes, take complete frames.
+
+    Never holds more than one header plus one maximal payload, so a peer that
+    sends a flood cannot make the receiver buffer without bound.
+    """
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+        self._buf = bytearray()
+        self._want = None  # (type, chan, length) of the frame being read
+
+    def feed(self, data):
+        """Add bytes; returns the list of complete ``(type, chan, payload)`` frames."""
+        self._buf += data
+        frames = []
+        while True:
+            if self._want is None:
+                if len(self._buf) < HEADER_SIZE:
+                    break
+                self._want = parse_header(bytes(self._buf[:HEADER_SIZE]), self.allowed)
+                del self._buf[:HEADER_SIZE]
+            mtype, chan, length = self._want
+            if len(self._buf) < length:
+                break
+            payload = bytes(self._buf[:length])
+            del self._buf[:length]
+            self._want = None
+            frames.append((mtype, chan, payload))
+        return frames
+
+    @property
+    def mid_frame(self):
+        """True if a frame has begun but not ended (EOF now means a truncated frame)."""
+        return self._want is not None or len(self._buf) > 0
+
+
+def split_exec(payload):
+    """``b"user\\0command"`` -> (user, command) as str; raises ProtocolViolation."""
+    user, sep, command = payload.partition(b"\0")
+    if not sep or not user or len(user) > MAX_USER or not command:
+        raise ProtocolViolation("EXEC payload must be user\\0command")
+    try:
+        return user.decode("ascii"), command.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolViolation("EXEC payload is not valid text") from None
+
+
+def valid_service_name(name):
+    """qrexec service names: ``Service.Name`` then optional ``+argument``, from a narrow alphabet."""
+    if not name or len(name) > 256 or name[0] in ".+-":
+        return False
+    for ch in name:
+        if not (ch.isascii() and (ch.isalnum() or ch in "._-+")):
+            return False
+    return name.count("+") <= 1 and ".." not in name and "/" not in name
+
+
+def split_service(payload):
+    """``b"user\\0service+arg\\0source"`` -> (user, service, source); raises ProtocolViolation."""
+    parts = payload.split(b"\0")
+    if len(parts) != 3 or not parts[0] or len(parts[0]) > MAX_USER:
+        raise ProtocolViolation("SERVICE payload must be user\\0service\\0source")
+    try:
+        user, service, source = (p.decode("ascii") for p in parts)
+    except UnicodeDecodeError:
+        raise ProtocolViolation("SERVICE payload is not ASCII") from None
+    if not valid_service_name(service):
+        raise ProtocolViolation("invalid service name %r" % service[:64])
+    return user, service, source

@@ -1,0 +1,372 @@
+"""Qubes' power lifecycle on the local QEMU backend: disks, machines and guest agents.
+
+This is the real :class:`bulkhead.lifecycle_api.Lifecycle`.  For one start:
+
+1. every volume is started (a fresh root snapshot for an AppVM, a dirty copy of
+   private, a new volatile) -- in Qubes' order, root, private, volatile;
+2. the backend launches the machine with dom0's kernel (the ``kernel`` property);
+3. the qube counts as started only once its guest agent says HELLO.
+
+When a machine goes away -- shut down, killed, crashed -- its volumes are
+stopped (private committed as a new revision, snapshots discarded) and the
+listener (the app) is told, so that it fires ``domain-shutdown``.  A failed
+start undoes everything it did and raises with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .agentlink import AgentLink, AgentLinkError
+from .backend.accel import Accel, detect
+from .backend.base import Backend, DiskSpec, ExitReason, Machine, MachineSpec, PowerState
+from .config import Paths
+from .errors import (BackendError, QubesException, QubesVMError, QubesVMNotHaltedError,
+                     QubesVMNotPausedError, QubesVMNotRunningError, QubesVMNotStartedError,
+                     QubesVMShutdownTimeoutError, StoragePoolException)
+from .storage.pool import Pool, Volume, VolumeConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .lifecycle_api import LifecycleListener
+    from .vm.qubesvm import QubesVM
+
+log = logging.getLogger(__name__)
+
+VOLUME_ORDER = ("root", "private", "volatile")
+
+
+def kernel_image(paths: Paths, version: str) -> Path:
+    return paths.vm_kernels / version / "vmlinux"
+
+
+class QemuLifecycle:
+    """Runs qubes as local QEMU machines."""
+
+    def __init__(self, app: Any, paths: Paths, backend: Backend | None = None) -> None:
+        self.app = app
+        self.paths = paths
+        self._backend = backend
+        self.listener: "LifecycleListener | None" = app
+        self.machines: dict[str, Machine] = {}
+        self.links: dict[str, AgentLink] = {}
+        self.starting: set[str] = set()
+        self.halting: set[str] = set()
+        self.paused: set[str] = set()
+        self.crashed: set[str] = set()
+        self._announce: set[str] = set()          # qubes whose stop the listener must hear of
+        self._stopped: dict[str, asyncio.Future[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- the backend, created on first use (detecting KVM boots a kernel) ------
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            from .backend.qemu import QemuBackend
+            self._backend = QemuBackend(self.paths, self._detect_accel())
+        return self._backend
+
+    def _detect_accel(self) -> Accel:
+        version = getattr(self.app, "default_kernel", None) or ""
+        kernel = kernel_image(self.paths, str(version))
+        if not kernel.exists():
+            return Accel("tcg", "no qube kernel installed yet to probe KVM with")
+        return detect(kernel, self.paths.cache)
+
+    def describe(self) -> str:
+        return self.backend.describe()
+
+    def start_lock(self, vm: "QubesVM") -> asyncio.Lock:
+        return self._locks.setdefault(vm.name, asyncio.Lock())
+
+    # --- storage -------------------------------------------------------------
+    def _pool(self, name: str) -> Pool:
+        try:
+            return self.app.pools[name]
+        except KeyError:
+            raise StoragePoolException(f"no storage pool named {name!r}") from None
+
+    def volume(self, vm: "QubesVM", name: str) -> Volume:
+        config: VolumeConfig = vm.volume_config[name]
+        pool = self._pool(config.pool)
+        if getattr(pool, "resolver", "absent") is None:
+            pool.resolver = self._resolve_source  # type: ignore[attr-defined]
+        return pool.init_volume(volume_vid(vm, name), config)
+
+    def _resolve_source(self, source: str) -> Volume:
+        pool_name, _, vid = source.partition(":")
+        pool = self._pool(pool_name)
+        # Only the source's committed image is used; its size comes from the image itself.
+        return pool.init_volume(vid, VolumeConfig(name=vid.rsplit("/", 1)[-1], pool=pool_name, size=0))
+
+    def volumes(self, vm: "QubesVM") -> list[Volume]:
+        names = [n for n in VOLUME_ORDER if n in vm.volume_config]
+        names += [n for n in vm.volume_config if n not in names and n != "kernel"]
+        return [self.volume(vm, n) for n in names]
+
+    async def create_volumes(self, vm: "QubesVM") -> None:
+        done: list[Volume] = []
+        try:
+            for vol in self.volumes(vm):
+                await vol.pool.setup()
+                await vol.create()
+                done.append(vol)
+        except BaseException:
+            for vol in done:
+                await vol.remove()
+            raise
+
+    async def remove_volumes(self, vm: "QubesVM") -> None:
+        if self.power_state(vm) not in (PowerState.HALTED, PowerState.CRASHED):
+            raise QubesVMNotHaltedError(vm)
+        for vol in self.volumes(vm):
+            await vol.remove()
+
+    async def clone_volumes(self, src: "QubesVM", dst: "QubesVM") -> None:
+        for name in dst.volume_config:
+            d = self.volume(dst, name)
+            if d.config.save_on_stop and not d.config.snap_on_start and name in src.volume_config:
+                await d.clone_from(self.volume(src, name))
+
+    # --- state ---------------------------------------------------------------
+    def power_state(self, vm: "QubesVM") -> PowerState:
+        name = vm.name
+        if name in self.starting:
+            return PowerState.TRANSIENT
+        machine = self.machines.get(name)
+        if machine is None or not machine.is_alive():
+            return PowerState.CRASHED if name in self.crashed else PowerState.HALTED
+        if name in self.halting:
+            return PowerState.HALTING
+        if name in self.paused:
+            return PowerState.PAUSED
+        return PowerState.RUNNING
+
+    def is_running(self, vm: "QubesVM") -> bool:
+        return self.power_state(vm) in (PowerState.RUNNING, PowerState.PAUSED,
+                                        PowerState.TRANSIENT, PowerState.HALTING)
+
+    def link(self, vm: "QubesVM") -> AgentLink:
+        link = self.links.get(vm.name)
+        if link is None:
+            raise QubesVMNotRunningError(vm)
+        return link
+
+    async def agent(self, vm: "QubesVM", timeout: float | None = None) -> AgentLink:
+        """The qube's agent link, connected (reconnecting if it had been dropped)."""
+        if self.power_state(vm) != PowerState.RUNNING:
+            raise QubesVMNotRunningError(vm)
+        link = self.link(vm)
+        await link.ensure_ready(timeout if timeout is not None else float(vm.qrexec_timeout))
+        return link
+
+    # --- start -------------------------------------------------------------------
+    async def start(self, vm: "QubesVM") -> None:
+        name = vm.name
+        if self.is_running(vm):
+            raise QubesVMNotHaltedError(vm, f"Domain is already running: {name!r}")
+        self.starting.add(name)
+        self.crashed.discard(name)
+        started: list[Volume] = []
+        try:
+            disks: list[DiskSpec] = []
+            extra: dict[str, str] = {}
+            for vol in self.volumes(vm):
+                disks.append(await vol.start())
+                started.append(vol)
+                if vol.name == "private" and getattr(vol, "fs_resize_pending", lambda: False)():
+                    extra["resize_private"] = "1"
+            spec = self._spec(vm, tuple(disks), extra)
+            self._stopped[name] = asyncio.get_running_loop().create_future()
+            machine = await self.backend.start(spec, self._on_exit)
+            self.machines[name] = machine
+            link = AgentLink(name, str(machine.agent_socket))
+            self.links[name] = link
+            try:
+                await link.ensure_ready(float(vm.qrexec_timeout))
+            except AgentLinkError as e:
+                raise QubesVMError(vm, f"{e}; the qube's console log is {machine.console_log}") from e
+        except BaseException as e:
+            await self._undo_start(vm, started)
+            if isinstance(e, QubesException):
+                raise
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise QubesVMError(vm, f"cannot start qube {name!r}: {e}") from e
+        finally:
+            self.starting.discard(name)
+        for vol in started:
+            if vol.name == "private" and hasattr(vol, "clear_fs_resize"):
+                vol.clear_fs_resize()
+        self._announce.add(name)
+
+    def _spec(self, vm: "QubesVM", disks: tuple[DiskSpec, ...], extra: dict[str, str]) -> MachineSpec:
+        kernel_version = vm.kernel or ""
+        kernel: Path | None = None
+        if kernel_version:
+            kernel = kernel_image(self.paths, str(kernel_version))
+            if not kernel.exists():
+                raise QubesVMError(vm, f"kernel {kernel_version!r} of qube {vm.name!r} is not "
+                                       f"installed ({kernel} is missing); run `bulkhead setup`")
+        return MachineSpec(
+            name=vm.name, qid=int(vm.qid), memory_mib=int(vm.memory), vcpus=int(vm.vcpus),
+            virt_mode=str(vm.virt_mode), kernel=kernel, kernelopts=str(vm.kernelopts or ""),
+            disks=disks, extra=extra)
+
+    async def _undo_start(self, vm: "QubesVM", started: list[Volume]) -> None:
+        name = vm.name
+        machine = self.machines.get(name)
+        if machine is not None and machine.is_alive():
+            await machine.kill()
+            fut = self._stopped.get(name)
+            if fut is not None:
+                await fut  # _after_exit stops the volumes
+            return
+        self.machines.pop(name, None)
+        link = self.links.pop(name, None)
+        if link:
+            link.close("start failed")
+        for vol in reversed(started):
+            try:
+                await vol.stop()
+            except QubesException as e:
+                log.error("qube %s: cannot stop volume %s after a failed start: %s", name, vol.name, e)
+
+    # --- exits ---------------------------------------------------------------
+    def _on_exit(self, name: str, reason: ExitReason) -> None:
+        asyncio.ensure_future(self._after_exit(name, reason))
+
+    async def _after_exit(self, name: str, reason: ExitReason) -> None:
+        vm = self.app.domains[name] if name in self.app.domains else None
+        link = self.links.pop(name, None)
+        if link is not None:
+            link.close("the qube stopped")
+        self.machines.pop(name, None)
+        self.halting.discard(name)
+        self.paused.discard(name)
+        if reason == ExitReason.CRASHED:
+            self.crashed.add(name)
+        try:
+            if vm is not None:
+                for vol in self.volumes(vm):
+                    try:
+                        await vol.stop()
+                    except QubesException as e:
+                        log.error("qube %s: cannot stop volume %s: %s", name, vol.name, e)
+        finally:
+            fut = self._stopped.pop(name, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            if name in self._announce:
+                self._announce.discard(name)
+                if vm is not None and self.listener is not None:
+                    self.listener.domain_stopped(vm, reason)
+
+    async def _wait_stopped(self, vm: "QubesVM") -> None:
+        fut = self._stopped.get(vm.name)
+        if fut is not None:
+            await asyncio.shield(fut)
+
+    # --- stop ------------------------------------------------------------------
+    async def shutdown(self, vm: "QubesVM", force: bool = False, wait: bool = False,
+                       timeout: float | None = None) -> None:
+        machine = self.machines.get(vm.name)
+        if machine is None or not machine.is_alive():
+            raise QubesVMNotStartedError(vm)
+        if timeout is None:
+            timeout = float(vm.shutdown_timeout)
+        if vm.name not in self.halting:
+            self.halting.add(vm.name)
+            try:
+                link = self.links.get(vm.name)
+                if link is None:
+                    raise AgentLinkError("no agent link")
+                await link.ensure_ready(min(timeout, 5.0))
+                await link.request_shutdown()
+            except (AgentLinkError, OSError) as e:
+                log.info("qube %s: agent unreachable (%s); pressing the power button", vm.name, e)
+                try:
+                    await machine.power_button()
+                except BackendError:
+                    pass
+            asyncio.ensure_future(self._enforce_timeout(vm, machine, timeout))
+        if wait:
+            try:
+                await asyncio.wait_for(machine.wait_exit(), timeout + 5)
+            except asyncio.TimeoutError:
+                raise QubesVMShutdownTimeoutError(vm) from None
+            await self._wait_stopped(vm)
+
+    async def _enforce_timeout(self, vm: "QubesVM", machine: Machine, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(machine.wait_exit(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("qube %s did not shut down within %.0f s; killing it", vm.name, timeout)
+            await machine.kill()
+
+    async def kill(self, vm: "QubesVM") -> None:
+        machine = self.machines.get(vm.name)
+        if machine is None or not machine.is_alive():
+            raise QubesVMNotStartedError(vm)
+        await machine.kill()
+        await self._wait_stopped(vm)
+
+    async def pause(self, vm: "QubesVM") -> None:
+        if self.power_state(vm) != PowerState.RUNNING:
+            raise QubesVMNotRunningError(vm)
+        await self.machines[vm.name].pause()
+        self.paused.add(vm.name)
+
+    async def unpause(self, vm: "QubesVM") -> None:
+        if self.power_state(vm) != PowerState.PAUSED:
+            raise QubesVMNotPausedError(vm)
+        await self.machines[vm.name].unpause()
+        self.paused.discard(vm.name)
+
+    def stats(self, vm: "QubesVM") -> dict[str, int]:
+        """For admin.vm.CurrentState: memory in KiB, as Qubes reports it, and CPU time in ns."""
+        machine = self.machines.get(vm.name)
+        static_max = int(vm.memory) * 1024
+        pid = machine.pid if machine is not None else None
+        if pid is None:
+            return {"mem": 0, "mem_static_max": static_max, "cputime": 0}
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks = int(fields[11]) + int(fields[12])  # utime + stime
+            cputime = ticks * 10**9 // os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            cputime = 0
+        return {"mem": static_max, "mem_static_max": static_max, "cputime": cputime}
+
+    # --- daemon start ------------------------------------------------------------
+    async def adopt(self, vm: "QubesVM") -> bool:
+        machine = await self.backend.adopt(vm.name, self._on_exit)
+        if machine is None:
+            # Not running: settle whatever a previous run left started
+            # (commit a dirty private, drop stale snapshots).
+            for vol in self.volumes(vm):
+                if vol.is_dirty():
+                    log.info("qube %s: settling volume %s left started by a previous run",
+                             vm.name, vol.name)
+                    try:
+                        await vol.stop()
+                    except QubesException as e:
+                        log.error("qube %s: cannot settle volume %s: %s", vm.name, vol.name, e)
+            return False
+        self.machines[vm.name] = machine
+        self._stopped[vm.name] = asyncio.get_running_loop().create_future()
+        self._announce.add(vm.name)
+        if await machine.is_paused():
+            self.paused.add(vm.name)
+        # The agent says HELLO again when it sees dom0 reconnect; don't hold the daemon's start.
+        self.links[vm.name] = AgentLink(vm.name, str(machine.agent_socket))
+        return True
+
+
+def volume_vid(vm: "QubesVM", name: str) -> str:
+    """The volume id of ``vm``'s volume ``name`` in its pool (the qube class decides the layout)."""
+    return vm.volume_vid(name)

@@ -1,0 +1,81 @@
+"""The qubes a fresh install has, created through the Admin API like any client would.
+
+As a fresh Qubes install: the template ``debian-12``; ``sys-net`` and
+``sys-firewall`` (providing network; their links come with the networking
+work); ``work`` (blue), ``personal`` (yellow), ``untrusted`` (red), ``vault``
+(black, no network); and the disposable template ``default-dvm``.  Every step
+checks what exists first, so running it again changes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..client.app import App
+from .progress import console, step
+
+TEMPLATE = "debian-12"
+IMAGE_FEATURE = "bulkhead.image"  # which template image the template's root came from
+
+# name, class, label, {property: value}  (None means "no value", i.e. qvm-prefs NAME PROP '')
+DEFAULT_QUBES: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("sys-net", "AppVM", "red", {"provides_network": True, "netvm": None}),
+    ("sys-firewall", "AppVM", "green", {"provides_network": True, "netvm": "sys-net"}),
+    ("work", "AppVM", "blue", {}),
+    ("personal", "AppVM", "yellow", {}),
+    ("untrusted", "AppVM", "red", {}),
+    ("vault", "AppVM", "black", {"netvm": None}),
+    ("default-dvm", "AppVM", "red", {"template_for_dispvms": True}),
+]
+GLOBALS_AFTER = [("default_netvm", "sys-firewall"), ("updatevm", "sys-firewall"),
+                 ("clockvm", "sys-net"), ("default_dispvm", "default-dvm")]
+
+
+def _set_global(app: App, prop: str, value: Any) -> bool:
+    try:
+        current = getattr(app, prop)
+    except AttributeError:
+        current = None
+    if str(current or "") == str(value or ""):
+        return False
+    setattr(app, prop, value)
+    return True
+
+
+def ensure_template(app: App, image: Path, image_key: str, kernel: str) -> str:
+    """Create the template if missing; (re)import its root when the image changed."""
+    _set_global(app, "default_kernel", kernel)
+    if TEMPLATE not in app.domains:
+        with step(f"Creating the template {TEMPLATE}"):
+            app.add_new_vm("TemplateVM", TEMPLATE, "black")
+    vm = app.domains[TEMPLATE]
+    if vm.features.get(IMAGE_FEATURE) == image_key:
+        return "up to date"
+    if not vm.is_halted():
+        console.print(f"[yellow]![/] {TEMPLATE} runs, so its new root image is not imported now; "
+                      f"shut it down and run `bulkhead setup` again")
+        return "running"
+    with step(f"Importing the root image into {TEMPLATE}"):
+        app.call(TEMPLATE, "bulkhead.vm.volume.ImportFile", "root", str(image).encode())
+        vm.features[IMAGE_FEATURE] = image_key
+    _set_global(app, "default_template", TEMPLATE)
+    return "imported"
+
+
+def ensure_default_qubes(app: App) -> list[str]:
+    created = []
+    _set_global(app, "default_template", TEMPLATE)
+    for name, klass, label, props in DEFAULT_QUBES:
+        if name in app.domains:
+            continue
+        with step(f"Creating {name} ({klass}, {label})"):
+            vm = app.add_new_vm(klass, name, label, template=TEMPLATE)
+            for prop, value in props.items():
+                setattr(vm, prop, value)
+        created.append(name)
+        if name == "sys-firewall":
+            _set_global(app, "default_netvm", "sys-firewall")
+    for prop, value in GLOBALS_AFTER:
+        _set_global(app, prop, value)
+    return created

@@ -1,0 +1,85 @@
+"""``bulkhead setup``: from a fresh Debian 12 to a running daemon and the default qubes.
+
+Idempotent and resumable: every step first looks whether its result is already
+there (a package installed, a kernel or image in the cache, a qube defined),
+so a second run only checks, in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..config import Paths
+from . import host, kernel, template
+from .progress import SetupError, console, step
+
+
+def prepare(paths: Paths, install_packages: bool = True) -> tuple[Path, str, Path, str]:
+    """Host packages, the qube kernel and the template image: everything but the daemon.
+
+    Returns (kernel image, kernel version, template image, template image key).
+    """
+    for d in (paths.home, paths.cache, paths.log_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    if install_packages:
+        host.ensure_packages(paths.log_dir)
+    vmlinux = kernel.build(paths)
+    kid = kernel.install(paths, vmlinux)
+    template.verify_tools()
+    image = template.build_image(paths)
+    return vmlinux, kid, image, template.image_key()
+
+
+def daemon_answers(paths: Paths) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(str(paths.socket))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def ensure_daemon(paths: Paths) -> None:
+    if daemon_answers(paths):
+        console.print(f"[green]✓[/] the daemon answers on {paths.socket}")
+        return
+    with step("Starting the Bulkhead daemon") as s:
+        r = subprocess.run([sys.executable, "-m", "bulkhead.cli", "daemon", "--detach"],
+                           env=os.environ.copy(), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SetupError(f"the daemon did not start: {r.stderr.strip() or r.stdout.strip()}; "
+                             f"its log is {paths.log_dir / 'daemon.log'}")
+        deadline = time.monotonic() + 30
+        while not daemon_answers(paths):
+            if time.monotonic() > deadline:
+                raise SetupError(f"the daemon did not answer on {paths.socket} within 30 s; "
+                                 f"its log is {paths.log_dir / 'daemon.log'}")
+            time.sleep(0.1)
+        s.note = f"socket {paths.socket}"
+
+
+def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool = True) -> int:
+    from ..client.app import App
+    from ..client.connection import Connection
+    from ..tools import qvm_ls
+    from .defaults import ensure_default_qubes, ensure_template
+
+    start = time.monotonic()
+    _, kid, image, key = prepare(paths, install_packages)
+    ensure_daemon(paths)
+    app = App(Connection(str(paths.socket)))
+    ensure_template(app, image, key, kid)
+    if default_qubes:
+        ensure_default_qubes(app)
+    console.print(f"[bold]Bulkhead is set up[/] in {time.monotonic() - start:.0f} s. "
+                  f"Home: {paths.home}; Admin API: {paths.socket}")
+    sys.stdout.flush()
+    return qvm_ls.main([], app=App(Connection(str(paths.socket))))

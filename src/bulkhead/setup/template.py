@@ -1,0 +1,177 @@
+"""Building the ``debian-12`` template's root image from Debian's packages.
+
+Two cached stages, so that changing the guest agent does not mean downloading
+Debian again:
+
+1. **rootfs** (``$BULKHEAD_CACHE/rootfs/<key>``): ``mmdebstrap --variant=essential``
+   with the packages below, a user ``user`` with password-less sudo as in
+   Qubes, no docs/man pages/locales.  Keyed by the package list and recipe.
+2. **image** (``$BULKHEAD_CACHE/templates/debian-12-<key>.qcow2``): a copy of the
+   rootfs plus Bulkhead's guest files (the agent, busybox init and its boot
+   scripts), made into an ext4 filesystem by ``mke2fs -d`` and a qcow2.  Keyed
+   by the rootfs key and the guest files' content.
+
+The guest boots busybox init (``/usr/lib/bulkhead/init``): ``rc.sysinit``
+mounts what Qubes mounts (``/rw`` with ``/home`` and ``/usr/local`` on it),
+then the agent starts and says HELLO to dom0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+from ..config import Paths
+from .progress import SetupError, console, step
+
+SUITE = "bookworm"
+RECIPE_VERSION = "1"
+ROOT_SIZE = 10 * 1024**3
+PACKAGES = [
+    "python3",          # the guest agent
+    "busybox-static",   # init, and a fast /bin/sh for the boot scripts (static: no dynamic linking under TCG)
+    "e2fsprogs",        # formats a new qube's private volume at its first start
+    "passwd", "sudo",   # the user `user`, root through sudo as in Qubes
+    "iproute2", "nftables",  # networking and firewall qubes
+    "apt", "procps",
+]
+DPKG_EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
+                 "/usr/share/locale/*", "/usr/share/lintian/*"]
+# Run on the host with $1 = the new root; fixed text, no user input.
+CUSTOMIZE_HOOKS = [
+    'chroot "$1" useradd --create-home --uid 1000 --user-group --shell /bin/bash user',
+    'echo "user ALL=(ALL:ALL) NOPASSWD: ALL" > "$1/etc/sudoers.d/qubes"',
+    'chmod 0440 "$1/etc/sudoers.d/qubes"',
+    'printf "127.0.0.1\\tlocalhost\\n::1\\tlocalhost ip6-localhost ip6-loopback\\n" > "$1/etc/hosts"',
+    'mkdir -p "$1/rw" "$1/etc/qubes-rpc"',
+    'rm -f "$1/etc/machine-id" "$1/var/lib/dbus/machine-id"',
+]
+# Guest files: (path in this package, path in the template, mode)
+GUEST_FILES = [
+    ("guest/__init__.py", "usr/lib/bulkhead/bulkhead_guest/__init__.py", 0o644),
+    ("guest/protocol.py", "usr/lib/bulkhead/bulkhead_guest/protocol.py", 0o644),
+    ("guest/agent.py", "usr/lib/bulkhead/bulkhead_guest/agent.py", 0o644),
+    ("guest/files/qrexec-agent", "usr/lib/bulkhead/qrexec-agent", 0o755),
+    ("guest/files/rc.sysinit", "usr/lib/bulkhead/rc.sysinit", 0o755),
+    ("guest/files/rc.shutdown", "usr/lib/bulkhead/rc.shutdown", 0o755),
+    ("guest/files/inittab", "etc/inittab", 0o644),
+    ("guest/files/fstab", "etc/fstab", 0o644),
+]
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()[:12]
+
+
+def rootfs_key() -> str:
+    return _digest(RECIPE_VERSION.encode(), SUITE.encode(), "\0".join(PACKAGES).encode(),
+                   "\0".join(CUSTOMIZE_HOOKS + DPKG_EXCLUDES).encode())
+
+
+def _guest_file(rel: str) -> bytes:
+    return resources.files("bulkhead").joinpath(rel).read_bytes()
+
+
+def image_key() -> str:
+    return _digest(rootfs_key().encode(), *(src.encode() + _guest_file(src) for src, _, _ in GUEST_FILES))
+
+
+def mirrors() -> list[str]:
+    """Debian sources for mmdebstrap, following the host's own mirror where it names one."""
+    base = "http://deb.debian.org/debian"
+    try:
+        text = Path("/etc/apt/sources.list.d/debian.sources").read_text()
+        for line in text.splitlines():
+            if line.startswith("URIs:") and "security" not in line:
+                base = line.split()[1].rstrip("/")
+                break
+    except OSError:
+        pass
+    security = base.rsplit("/", 1)[0] + "/debian-security" if base.endswith("/debian") else \
+        "http://deb.debian.org/debian-security"
+    return [f"deb {base} {SUITE} main", f"deb {base} {SUITE}-updates main",
+            f"deb {security} {SUITE}-security main"]
+
+
+def build_rootfs(paths: Paths) -> Path:
+    key = rootfs_key()
+    dest = paths.cache / "rootfs" / f"debian-12-{key}"
+    if (dest / "usr/bin/python3").exists():
+        console.print(f"[green]✓[/] Debian root filesystem {key}: cached")
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["mmdebstrap", "--variant=essential", "--mode=root", f"--include={','.join(PACKAGES)}"]
+    argv += [f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES]
+    argv += ["--dpkgopt=path-include=/usr/share/locale/locale.alias"]
+    argv += [f"--customize-hook={h}" for h in CUSTOMIZE_HOOKS]
+    argv += [SUITE, str(tmp), *mirrors()]
+    with step(f"Building a Debian {SUITE} root filesystem with mmdebstrap (about a minute; once)") as s:
+        s.run(argv, paths.log_dir / "template-build.log", what="mmdebstrap")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        s.note = f"{len(PACKAGES)} packages and their dependencies"
+    return dest
+
+
+def build_image(paths: Paths) -> Path:
+    """Build (or find cached) the template's root image; returns the cached qcow2."""
+    key = image_key()
+    image = paths.cache / "templates" / f"debian-12-{key}.qcow2"
+    if image.exists():
+        console.print(f"[green]✓[/] debian-12 template image {key}: cached")
+        return image
+    rootfs = build_rootfs(paths)
+    log = paths.log_dir / "template-build.log"
+    staging = paths.cache / "templates" / f"staging-{key}"
+    raw = staging.with_suffix(".raw")
+    with step("Installing Bulkhead's guest agent and making the template image") as s:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        s.run(["cp", "-a", str(rootfs), str(staging)], log, what="copying the root filesystem")
+        for src, dst, mode in GUEST_FILES:
+            target = staging / dst
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(_guest_file(src))
+            os.chmod(target, mode)
+        init = staging / "usr/lib/bulkhead/init"
+        init.unlink(missing_ok=True)
+        init.symlink_to("/bin/busybox")  # busybox runs as `init` when called by that name
+        # Compile with the guest's own Python, so the bytecode matches it.
+        s.run(["chroot", str(staging), "python3", "-m", "compileall", "-q", "/usr/lib/bulkhead"],
+              log, what="compiling the guest agent")
+        raw.unlink(missing_ok=True)
+        s.run(["mke2fs", "-q", "-t", "ext4", "-L", "root", "-E", "root_owner=0:0",
+               "-d", str(staging), str(raw), f"{ROOT_SIZE // 2**20}M"], log, what="mke2fs")
+        tmp = image.with_suffix(".tmp")
+        s.run(["qemu-img", "convert", "-q", "-O", "qcow2", "-o", "cluster_size=65536",
+               str(raw), str(tmp)], log, what="qemu-img convert")
+        os.replace(tmp, image)
+        raw.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        s.note = f"{image.stat().st_size // 2**20} MiB"
+    _prune(paths.cache / "templates", keep=image)
+    return image
+
+
+def _prune(directory: Path, keep: Path) -> None:
+    """Drop older images: each is ~200 MiB and only the newest is used."""
+    for p in directory.glob("debian-12-*.qcow2"):
+        if p != keep:
+            p.unlink(missing_ok=True)
+
+
+def verify_tools() -> None:
+    for tool in ("mmdebstrap", "mke2fs", "qemu-img", "chroot"):
+        if shutil.which(tool) is None:
+            raise SetupError(f"{tool} is missing; `bulkhead setup` installs the packages it needs")

@@ -1,0 +1,44 @@
+"""DispVM: a disposable qube, made from a disposable template.
+
+Its root and private volumes are snapshots of its disposable template's, so
+nothing it does survives it.  (Making disposables on demand and destroying
+them when they stop is a later issue; this module defines the class and its
+properties.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import QubesPropertyValueError
+from ..properties import LabelProperty, Property, VMProperty
+from .net import setter_netvm
+from .qubesvm import QubesVM
+from .volumes import dispvm_layout
+
+
+def setter_dispvm_template(vm: Any, prop: Any, value: Any) -> Any:
+    if not getattr(value, "template_for_dispvms", False):
+        raise QubesPropertyValueError(vm, prop.name, value.name,
+                                      f"{value.name!r} is not a disposable template "
+                                      f"(template_for_dispvms is False)")
+    return value
+
+
+class DispVM(QubesVM):
+    icon_family = "dispvm"
+    volume_layout = staticmethod(dispvm_layout)
+    netvm_follows_default = False
+
+    template = VMProperty(vmclass=("AppVM", "StandaloneVM"), write_once=True,
+                          setter=setter_dispvm_template,
+                          doc="The disposable template this disposable is made from.")
+    label = LabelProperty(default=lambda vm: vm.template.label,
+                          doc="Colour of the qube's windows; default: its disposable "
+                              "template's.")
+    netvm = VMProperty(allow_none=True, default=lambda vm: vm.template.netvm,
+                       setter=setter_netvm,
+                       doc="The qube that gives this disposable its network; default: its "
+                           "disposable template's netvm.")
+    auto_cleanup = Property(type=bool, default=False,
+                            doc="Remove the disposable when it stops.")

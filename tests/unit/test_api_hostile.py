@@ -1,0 +1,165 @@
+"""Hostile clients: the server answers every bad request with an error and lives on."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from bulkhead.api import Limits
+from core_helpers import ServerThread, error, raw_call, standard_system
+
+KNOWN_ERRORS = {"ProtocolError", "PermissionDenied", "QubesValueError", "QubesVMNotFoundError",
+                "QubesPropertyValueError", "QubesNoSuchPropertyError", "QubesLabelNotFoundError",
+                "QubesFeatureNotFoundError", "QubesTagNotFoundError", "QubesVolumeNotFoundError",
+                "QubesPoolNotFoundError"}
+
+METHODS = ["admin.vm.List", "admin.vm.property.Get", "admin.vm.property.Set",
+           "admin.vm.feature.Set", "admin.vm.tag.Set", "admin.vm.Create.AppVM",
+           "admin.vm.volume.Resize", "admin.label.Get", "admin.property.Set"]
+
+
+def _malformed(rng: random.Random, i: int) -> bytes:
+    kind = i % 10
+    if kind == 0:  # no NUL at all
+        return bytes(rng.choice(b"abcdefgh .+") for _ in range(rng.randint(0, 200)))
+    if kind == 1:  # binary garbage, NULs anywhere
+        return bytes(rng.randrange(256) for _ in range(rng.randint(1, 400)))
+    if kind == 2:  # a huge payload on a real method
+        return b"admin.vm.feature.Set+f dom0 name work\0" + b"x" * rng.randint(65537, 90000)
+    if kind == 3:  # unknown methods
+        name = "".join(rng.choice("abcXYZ.") for _ in range(rng.randint(1, 40)))
+        return f"admin.{name}+ dom0 name dom0\0".encode()
+    if kind == 4:  # invalid qube names
+        bad = rng.choice(["1abc", "a" * 40, "x/y", "-", "none", "default", "a..b$", "é"])
+        return f"admin.vm.List+ dom0 name {bad}\0".encode("utf-8")
+    if kind == 5:  # wrong-typed values
+        prop, value = rng.choice([("memory", b"lots"), ("vcpus", b"-1"), ("autostart", b"2"),
+                                  ("netvm", b"no-such-qube"), ("label", b"pink"),
+                                  ("maxmem", b"1e9"), ("qrexec_timeout", b"\xff"),
+                                  ("template", b"sys-net"), ("kernelopts", b"\x00\x01")])
+        return f"admin.vm.property.Set+{prop} dom0 name work\0".encode() + value
+    if kind == 6:  # a header longer than allowed
+        return b"admin.vm.List+" + b"a" * rng.randint(300, 3000) + b" dom0 name dom0\0"
+    if kind == 7:  # the wrong shape: missing or extra fields, wrong destination type
+        return rng.choice([b"admin.vm.List\0", b"admin.vm.List+ dom0\0",
+                           b"admin.vm.List+ dom0 name dom0 extra\0",
+                           b"admin.vm.List+ dom0 uuid dom0\0", b"\0", b" \0",
+                           b"admin.vm.List+ dom0 name uuid:zzzz\0",
+                           b"admin.vm.List+ dom0 name uuid:0000\0"])
+    if kind == 8:  # bad arguments and payloads to real methods
+        method = rng.choice(METHODS)
+        arg = rng.choice(["", "memory", "../x", "a b", "%s%n", "x" * 200])
+        header = f"{method}+{arg} dom0 name work\0".encode("utf-8", "replace")
+        return header + bytes(rng.randrange(256) for _ in range(rng.randint(0, 50)))
+    return b""  # connect and say nothing
+
+
+def test_a_thousand_malformed_requests(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    with ServerThread(tmp_path, setup=standard_system) as srv:
+        before = srv.call("dom0", "admin.vm.List")
+        assert before.startswith(b"0\0")
+        counts: dict[str, int] = {}
+        for i in range(1000):
+            request = _malformed(rng, i)
+            reply = raw_call(srv.socket, request)
+            exc_type, message = error(reply)
+            assert exc_type in KNOWN_ERRORS, (request[:80], reply)
+            assert message
+            counts[exc_type] = counts.get(exc_type, 0) + 1
+        assert counts["ProtocolError"] > 500
+        # normal calls still work, and nothing was changed
+        assert srv.call("dom0", "admin.vm.List") == before
+        assert srv.call("work", "admin.vm.property.Get", "memory") == \
+            b"0\0default=True type=int 400"
+        assert srv.call("work", "admin.vm.feature.List") == b"0\0"
+        assert srv.call("work", "admin.vm.property.Set", "memory", b"512") == b"0\0"
+        assert not srv.server._connections  # every connection was closed
+
+
+def test_connection_cap(tmp_path: Path) -> None:
+    with ServerThread(tmp_path, limits=Limits(max_connections=8)) as srv:
+        idle = []
+        for _ in range(8):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(srv.socket))
+            idle.append(s)
+        time.sleep(0.2)
+        reply = raw_call(srv.socket, b"admin.vm.List+ dom0 name dom0\0")
+        assert error(reply) == ("QubesException",
+                                "Too many connections to the Admin API; try again later")
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 5
+        while srv.server._connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.call("dom0", "admin.vm.List").startswith(b"0\0dom0 class=AdminVM")
+
+
+def test_slow_client_times_out(tmp_path: Path) -> None:
+    with ServerThread(tmp_path, limits=Limits(read_timeout=0.5)) as srv:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        s.connect(str(srv.socket))
+        s.sendall(b"admin.vm.List+ dom0 na")  # ...and never the rest
+        started = time.monotonic()
+        reply = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        assert time.monotonic() - started < 3
+        assert error(reply)[0] == "ProtocolError" and "timeout" in error(reply)[1]
+        s.close()
+        # a header in time but a payload that never ends
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        s.connect(str(srv.socket))
+        s.sendall(b"admin.vm.feature.Set+f dom0 name dom0\0abc")
+        assert error(s.recv(4096))[0] == "ProtocolError"
+        s.close()
+
+
+def test_stale_socket_is_replaced_live_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "qubesd.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    with ServerThread(tmp_path) as srv:
+        assert srv.call("dom0", "admin.vm.List").startswith(b"0\0")
+        assert oct(path.stat().st_mode & 0o777) == "0o660"
+        from bulkhead.api import AdminServer
+        import asyncio
+        second = AdminServer(srv.app, path)
+        try:
+            asyncio.run(second.start())
+        except FileExistsError:
+            pass
+        else:  # pragma: no cover
+            raise AssertionError("a second server took over a live socket")
+    assert not path.exists()
+
+
+def test_slow_event_reader_is_disconnected(tmp_path: Path, monkeypatch: Any) -> None:
+    from bulkhead.api import admin_events
+    monkeypatch.setattr(admin_events, "MAX_QUEUED", 10)
+    with ServerThread(tmp_path, setup=standard_system) as srv:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(srv.socket))
+        s.sendall(b"admin.Events+ dom0 name dom0\0")
+        s.shutdown(socket.SHUT_WR)  # ...and never reads
+        time.sleep(0.2)
+        assert len(srv.app._observers) == 1
+        value = b"v" * 60000
+        for i in range(40):
+            assert srv.call("work", "admin.vm.feature.Set", f"f{i}", value) == b"0\0"
+        deadline = time.monotonic() + 10
+        while srv.app._observers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.app._observers == []  # dropped, instead of queueing without bound
+        s.close()
+        assert srv.call("work", "admin.vm.feature.Get", "f39") == b"0\0" + value
