@@ -38,6 +38,8 @@ class AgentLinkError(QubesException):
     """The guest agent could not be reached, or broke the protocol."""
 
 
+FRAME_TIMEOUT = 10.0
+
 # What a call yields: ("stdout"|"stderr", bytes), ("error", str), ("exit", int)
 CallEvent = tuple[str, Union[bytes, str, int]]
 
@@ -54,6 +56,7 @@ class Call:
         self.credit_event = asyncio.Event()
         self.open_streams = {P.STDOUT, P.STDERR}
         self.done = False
+        self.error_seen = False
         self.exit_code: int | None = None
 
     async def write(self, data: bytes) -> None:
@@ -164,6 +167,11 @@ class AgentLink:
         for call in self.calls.values():
             call._fail(f"qube {self.qube!r}: link to the guest agent closed: {reason}")
         self.calls.clear()
+        for fut in self._pongs.values():
+            if not fut.done():
+                fut.set_exception(AgentLinkError(f"qube {self.qube!r}: {reason}"))
+                fut.exception()
+        self._pongs.clear()
 
     async def send(self, mtype: int, chan: int, payload: bytes = b"") -> None:
         writer = self._writer
@@ -189,15 +197,25 @@ class AgentLink:
         if len(user.encode()) > P.MAX_USER or len(command.encode()) > P.MAX_COMMAND:
             raise AgentLinkError("user name or command too long")
         call = self._new_call()
-        await self.send(P.EXEC, call.chan, payload)
+        await self._open(call, P.EXEC, payload)
         return call
 
     async def service(self, user: str, service: str, source: str) -> Call:
         if not P.valid_service_name(service):
             raise AgentLinkError(f"invalid service name {service!r}")
+        payload = f"{user}\0{service}\0{source}".encode()
+        if len(payload) > P.PAYLOAD_LIMIT[P.SERVICE]:
+            raise AgentLinkError("user, service or source name too long")
         call = self._new_call()
-        await self.send(P.SERVICE, call.chan, f"{user}\0{service}\0{source}".encode())
+        await self._open(call, P.SERVICE, payload)
         return call
+
+    async def _open(self, call: Call, mtype: int, payload: bytes) -> None:
+        try:
+            await self.send(mtype, call.chan, payload)
+        except BaseException:
+            self.calls.pop(call.chan, None)
+            raise
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time to the agent, in seconds (the link's own latency, no process started)."""
@@ -219,9 +237,24 @@ class AgentLink:
     # --- reading -----------------------------------------------------------------
     async def _read_loop(self, reader: asyncio.StreamReader, hello: asyncio.Future[None]) -> None:
         frames = P.FrameReader(P.FROM_GUEST)
+        loop = asyncio.get_running_loop()
+        frame_deadline: float | None = None
         try:
             while True:
-                data = await reader.read(65536)
+                if frames.mid_frame:
+                    # A frame, once begun, must end soon: a qube that stops (or drips)
+                    # half-way through would otherwise hold the link and what follows.
+                    if frame_deadline is None:
+                        frame_deadline = loop.time() + FRAME_TIMEOUT
+                    try:
+                        data = await asyncio.wait_for(reader.read(65536),
+                                                      max(0.0, frame_deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        raise P.ProtocolViolation(
+                            f"a frame was not completed within {FRAME_TIMEOUT:.0f} s") from None
+                else:
+                    frame_deadline = None
+                    data = await reader.read(65536)
                 if not data:
                     if frames.mid_frame:
                         raise P.ProtocolViolation("connection closed in the middle of a frame")
@@ -252,7 +285,19 @@ class AgentLink:
             hello.set_result(None)
             return
         if mtype == P.HELLO:
-            raise P.ProtocolViolation("a second HELLO")
+            # The agent restarted (init respawns it): the calls it had are gone.
+            version = P.parse_u32(untrusted_payload)
+            if version != P.VERSION:
+                raise P.ProtocolViolation(f"restarted agent speaks version {version}, "
+                                          f"dom0 speaks {P.VERSION}")
+            log.info("qube %s: the guest agent restarted; %d call(s) in progress lost",
+                     self.qube, len(self.calls))
+            for call in self.calls.values():
+                call._fail(f"qube {self.qube!r}: the guest agent restarted")
+            self.calls.clear()
+            assert self._writer is not None
+            self._writer.write(P.pack(P.HELLO, 0, P.u32(P.VERSION)))
+            return
         if mtype == P.PONG:
             fut = self._pongs.get(untrusted_payload)
             if fut is not None and not fut.done():
@@ -277,6 +322,11 @@ class AgentLink:
                 raise P.ProtocolViolation(f"channel {chan} credited more than was sent")
             call.credit_event.set()
         elif mtype == P.ERROR:
+            # One ERROR per call ("could not start; an EXIT follows"): more would be
+            # output that escapes the credit window.
+            if call.error_seen:
+                raise P.ProtocolViolation(f"a second ERROR on channel {chan}")
+            call.error_seen = True
             message = untrusted_payload.decode("utf-8", "replace")
             # Shown to the user as text: strip control characters a qube could use on a terminal.
             call.events.put_nowait(("error", "".join(c if c.isprintable() else "?" for c in message)))

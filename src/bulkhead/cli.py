@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     paths = Paths.from_env()
+    from .errors import QubesException
     from .setup.progress import SetupError, console
     try:
         if args.command == "setup":
@@ -54,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "template":
             from .client.app import App
             from .client.connection import Connection
-            from .setup import template
             from .setup.defaults import ensure_template
-            from .setup.run import prepare
+            from .setup.run import ensure_daemon, prepare
             _, kid, image, key = prepare(paths, install_packages=False)
+            ensure_daemon(paths)
             print(ensure_template(App(Connection(str(paths.socket))), image, key, kid))
             return 0
-    except SetupError as e:
+    except (SetupError, QubesException) as e:
         console.print(f"[red]bulkhead {args.command}: {e}[/]")
         return 1
     except KeyboardInterrupt:

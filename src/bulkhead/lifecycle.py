@@ -172,11 +172,17 @@ class QemuLifecycle:
         self.crashed.discard(name)
         started: list[Volume] = []
         try:
-            disks: list[DiskSpec] = []
             extra: dict[str, str] = {}
-            for vol in self.volumes(vm):
-                disks.append(await vol.start())
-                started.append(vol)
+            volumes = self.volumes(vm)
+            # Each start runs qemu-img; they are independent, so run them side by side.
+            results = await asyncio.gather(*(vol.start() for vol in volumes),
+                                           return_exceptions=True)
+            started.extend(v for v, r in zip(volumes, results) if not isinstance(r, BaseException))
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            disks = [r for r in results if isinstance(r, DiskSpec)]
+            for vol in volumes:
                 if vol.name == "private" and getattr(vol, "fs_resize_pending", lambda: False)():
                     extra["resize_private"] = "1"
             spec = self._spec(vm, tuple(disks), extra)
@@ -229,11 +235,15 @@ class QemuLifecycle:
         link = self.links.pop(name, None)
         if link:
             link.close("start failed")
-        for vol in reversed(started):
-            try:
-                await vol.stop()
-            except QubesException as e:
-                log.error("qube %s: cannot stop volume %s after a failed start: %s", name, vol.name, e)
+        await self._stop_volumes(vm, started)
+
+    @staticmethod
+    async def _stop_volumes(vm: "QubesVM", volumes: list[Volume]) -> None:
+        """Commit or discard each volume; one failing does not keep the others from stopping."""
+        results = await asyncio.gather(*(vol.stop() for vol in volumes), return_exceptions=True)
+        for vol, r in zip(volumes, results):
+            if isinstance(r, BaseException):
+                log.error("qube %s: cannot stop volume %s: %s", vm.name, vol.name, r)
 
     # --- exits ---------------------------------------------------------------
     def _on_exit(self, name: str, reason: ExitReason) -> None:
@@ -251,11 +261,7 @@ class QemuLifecycle:
             self.crashed.add(name)
         try:
             if vm is not None:
-                for vol in self.volumes(vm):
-                    try:
-                        await vol.stop()
-                    except QubesException as e:
-                        log.error("qube %s: cannot stop volume %s: %s", name, vol.name, e)
+                await self._stop_volumes(vm, self.volumes(vm))
         finally:
             fut = self._stopped.pop(name, None)
             if fut is not None and not fut.done():

@@ -95,11 +95,19 @@ async def vm_run(call: Call, reader: asyncio.StreamReader, writer: asyncio.Strea
 
 async def _relay(qube: str, agent_call: AgentCall, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
+    # The client's side ends only when it hangs up (end of input is an empty
+    # STDIN frame), so ``inbound`` finishing means nobody is listening any more.
     inbound = asyncio.create_task(_client_to_qube(agent_call, reader))
     finished = False
     try:
         while True:
-            kind, value = await agent_call.next_event()
+            event = asyncio.ensure_future(agent_call.next_event())
+            await asyncio.wait({event, inbound}, return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
+                event.cancel()
+                log.info("qube %s: the qvm-run client hung up; hanging up the command", qube)
+                return
+            kind, value = event.result()
             if kind == "stdout" or kind == "stderr":
                 assert isinstance(value, bytes)
                 writer.write(P.pack(P.STDOUT if kind == "stdout" else P.STDERR, CHANNEL, value))

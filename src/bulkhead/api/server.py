@@ -147,9 +147,12 @@ class AdminServer:
             result = await spec.handler(call)
             await self._reply(writer, protocol.encode_reply(result))
         except (ProtocolError, PermissionDenied, QubesException) as exc:
-            log.warning("refused %s, payload %d bytes: %s: %s",
-                        header.describe() if header else "<no valid header>", payload_len,
-                        type(exc).__name__, exc)
+            # A malformed request is worth a warning; Qubes' ordinary answers
+            # ("no such feature", "not running"...) are part of normal use.
+            level = logging.INFO if isinstance(exc, QubesException) else logging.WARNING
+            log.log(level, "refused %s, payload %d bytes: %s: %s",
+                    header.describe() if header else "<no valid header>", payload_len,
+                    type(exc).__name__, exc)
             await self._reply(writer, protocol.encode_error(exc))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.info("client went away during %s: %s",

@@ -107,18 +107,23 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> Accel:
 
 def detect(kernel: Path, cache_dir: Path) -> Accel:
     forced = os.environ.get("BULKHEAD_ACCEL")
-    if forced in ("kvm", "tcg"):
+    if forced:
+        if forced not in ("kvm", "tcg"):
+            raise ValueError(f"BULKHEAD_ACCEL must be 'kvm' or 'tcg', not {forced!r}")
         return Accel(forced, "set by BULKHEAD_ACCEL")
+    # Checked before the cache: after `modprobe kvm` the cached TCG verdict is stale.
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return Accel("tcg", "/dev/kvm is missing or not accessible")
     key = hashlib.sha256("\0".join([
         str(kernel.resolve()), str(kernel.stat().st_mtime_ns), qemu_version(), _cpu_model(),
     ]).encode()).hexdigest()[:16]
     cache = cache_dir / "accel.json"
     try:
         cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return Accel(cached["name"], cached["reason"] + " (cached)")
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return Accel(str(cached["name"]), str(cached["reason"]) + " (cached)")
     except (OSError, ValueError, KeyError):
-        pass
+        pass  # no cache, or a damaged one: probe again
     verdict = probe_kvm(kernel)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")

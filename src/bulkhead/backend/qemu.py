@@ -42,7 +42,7 @@ CONSOLE_LOG_CAP = 1024 * 1024   # bytes of serial console kept per qube (guest o
 QMP_CONNECT_TIMEOUT = 10.0
 # TCG's translated-code cache: QEMU's default (1 GiB reserved, filled as code runs)
 # inflates every machine's RSS; a small one costs little boot time.
-TCG_TB_SIZE_MIB = 32
+TCG_TB_SIZE_MIB = int(os.environ.get("BULKHEAD_TCG_TB_SIZE_MIB", "32"))
 
 
 class MachineState(enum.Enum):
@@ -71,6 +71,11 @@ def kernel_cmdline(spec: MachineSpec, accel: Accel) -> str:
     return " ".join(parts)
 
 
+def _opt(path: Path | str) -> str:
+    """A path inside QEMU's ``key=value,...`` options: commas are doubled."""
+    return str(path).replace(",", ",,")
+
+
 def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path) -> list[str]:
     """QEMU's command line for ``spec``.  Every value here comes from dom0, never from a qube."""
     direct_boot = spec.kernel is not None and spec.virt_mode in ("pvh", "pv")
@@ -79,6 +84,8 @@ def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path) -> list[str]:
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
         argv += ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
+        if os.environ.get("BULKHEAD_TCG_CPU"):
+            argv += ["-cpu", os.environ["BULKHEAD_TCG_CPU"]]
     if direct_boot:
         # microvm: no PCI, no ACPI, no firmware; half the boot time of a PC under TCG.
         argv += ["-M", "microvm,pit=on,pic=on,rtc=on,acpi=off"]
@@ -96,20 +103,20 @@ def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path) -> list[str]:
         if spec.initrd:
             argv += ["-initrd", str(spec.initrd)]
     for disk in spec.disks:
-        opts = f"file={disk.path},if=none,id={disk.name},format={disk.fmt},discard=unmap"
+        opts = f"file={_opt(disk.path)},if=none,id={disk.name},format={disk.fmt},discard=unmap"
         if disk.readonly:
             opts += ",readonly=on"
         argv += ["-drive", opts,
                  "-device", f"virtio-blk-{bus},drive={disk.name},serial={disk.name}"]
     argv += [
         "-device", f"virtio-serial-{bus}",
-        "-chardev", f"socket,id=qrexec,path={run_dir / 'qrexec.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=qrexec,path={_opt(run_dir / 'qrexec.sock')},server=on,wait=off",
         "-device", f"virtserialport,chardev=qrexec,name={AGENT_PORT}",
         # Without a hardware RNG, Python in the guest blocks seconds on the entropy pool.
         "-device", f"virtio-rng-{bus}",
-        "-chardev", f"socket,id=console,path={run_dir / 'console.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=console,path={_opt(run_dir / 'console.sock')},server=on,wait=off",
         "-serial", "chardev:console",
-        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+        "-qmp", f"unix:{_opt(run_dir / 'qmp.sock')},server=on,wait=off",
         "-pidfile", str(run_dir / "qemu.pid"),
     ]
     return argv

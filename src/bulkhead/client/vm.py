@@ -208,8 +208,8 @@ class VM(PropertyHolder):
         return self.current_state().get("power_state", "NA")
 
     def is_running(self) -> bool:
-        """True unless halted (a paused or transient qube is running, as in Qubes)."""
-        return self.get_power_state() not in ("Halted", "NA")
+        """True unless halted or crashed (a paused or transient qube is running, as in Qubes)."""
+        return self.get_power_state() not in ("Halted", "Crashed", "NA")
 
     def is_halted(self) -> bool:
         return self.get_power_state() == "Halted"

@@ -6,6 +6,7 @@ Layout of one volume (``<dir_path>/<vid>/``)::
     rev-<n>.qcow2     kept earlier revisions, n growing (revisions_to_keep of them)
     dirty.qcow2       while started: the machine's writable image
     dirty.source      for a snapshot: which revision of the source it was taken from
+    dirty.base        for a started save_on_stop volume: which current it was started on
 
 Why it is crash-safe: committed images are never written in place.  A commit
 flattens ``dirty.qcow2`` (an overlay on ``current.qcow2``) into a new
@@ -13,12 +14,14 @@ standalone image, fsyncs it, keeps the old current as a revision by a hard
 link, and renames the new image over ``current.qcow2`` -- one atomic step.
 A crash before the rename leaves the old current in place and ``dirty.qcow2``
 still there to commit again; a crash after it leaves a ``dirty.qcow2`` whose
-delta is already in current, so committing it again gives the same content.
+``dirty.base`` no longer names the current image, so recovery knows the commit
+happened and only removes it.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -32,8 +35,11 @@ from .pool import Pool, Volume, VolumeConfig
 CURRENT = "current.qcow2"
 DIRTY = "dirty.qcow2"
 SOURCE_STAMP = "dirty.source"
+BASE_STAMP = "dirty.base"
 RESIZE_FS = "resize-fs"
 TMP_PREFIX = ".tmp-"
+
+log = logging.getLogger(__name__)
 
 
 def _stamp(path: Path) -> str:
@@ -159,15 +165,15 @@ class FileVolume(Volume):
                     f"volume {self.vid} has no committed image at {self.current}; "
                     "was it created? (`qvm-volume info` shows its state)")
             await qemu_img.create(self.dirty, c.size, backing=CURRENT)
+            (self.dir / BASE_STAMP).write_text(_stamp(self.current))
         elif c.snap_on_start:
             src = self._source_volume().committed_path()
             if src is None:
                 raise StoragePoolException(
                     f"volume {self.vid} snapshots {c.source}, which has no committed image yet")
             self.dirty.unlink(missing_ok=True)
-            # The snapshot's size is the source's: a template's root defines its AppVMs' roots.
-            size = max(c.size, await qemu_img.virtual_size(src))
-            await qemu_img.create(self.dirty, size, backing=src.absolute())
+            # The snapshot has the source's size: a template's root defines its AppVMs' roots.
+            await qemu_img.create(self.dirty, None, backing=src.absolute())
             (self.dir / SOURCE_STAMP).write_text(_stamp(src))
         else:
             # volatile: a fresh empty disk at every start.
@@ -185,19 +191,36 @@ class FileVolume(Volume):
             (self.dir / SOURCE_STAMP).unlink(missing_ok=True)
 
     async def _commit(self) -> None:
-        tmp = self._tmp("commit")
-        await qemu_img.flatten(self.dirty, tmp)
-        await self._install_current(tmp, keep_old=True)
+        if self._already_committed():
+            log.info("volume %s: its last commit completed before a crash; dropping the copy",
+                     self.vid)
+            self._prune_revisions()  # the crash may have come before the pruning
+        else:
+            tmp = self._tmp("commit")
+            await qemu_img.flatten(self.dirty, tmp)
+            await self._install_current(tmp, keep_old=True)
         self.dirty.unlink(missing_ok=True)
+        (self.dir / BASE_STAMP).unlink(missing_ok=True)
         qemu_img.fsync_dir(self.dir)
+
+    def _already_committed(self) -> bool:
+        """True if ``dirty`` was started on a current that a commit has since replaced."""
+        try:
+            base = (self.dir / BASE_STAMP).read_text().strip()
+        except OSError:
+            return False  # started by an older version: commit, as before
+        return self.current.exists() and base != _stamp(self.current)
 
     async def _install_current(self, tmp: Path, keep_old: bool) -> None:
         """Make the fully written image ``tmp`` the current one, atomically."""
         qemu_img.fsync_file(tmp)
         if keep_old and self.current.exists() and self.config.revisions_to_keep > 0:
             revs = self._revision_files()
-            n = revs[-1][0] + 1 if revs else 1
-            os.link(self.current, self.dir / f"rev-{n}.qcow2")
+            # After a crash between this link and the rename below, the newest
+            # revision already is the current image: don't keep it twice.
+            if not (revs and os.path.samefile(revs[-1][1], self.current)):
+                n = revs[-1][0] + 1 if revs else 1
+                os.link(self.current, self.dir / f"rev-{n}.qcow2")
         os.replace(tmp, self.current)
         qemu_img.fsync_dir(self.dir)
         self._prune_revisions()

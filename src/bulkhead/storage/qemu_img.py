@@ -24,12 +24,16 @@ async def run(*args: str) -> str:
     return out.decode(errors="replace")
 
 
-async def create(path: Path, size: int, backing: Path | str | None = None) -> None:
-    """A new qcow2 image, empty or as a copy-on-write overlay on ``backing``."""
+async def create(path: Path, size: int | None, backing: Path | str | None = None) -> None:
+    """A new qcow2 image, empty or as a copy-on-write overlay on ``backing``
+    (``size`` None: the overlay has its backing image's size)."""
     args = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
     if backing is not None:
         args += ["-b", str(backing), "-F", "qcow2"]
-    await run(*args, str(path), str(size))
+    args.append(str(path))
+    if size is not None:
+        args.append(str(size))
+    await run(*args)
 
 
 async def flatten(src: Path, dst: Path) -> None:
@@ -37,12 +41,32 @@ async def flatten(src: Path, dst: Path) -> None:
     await run("convert", "-q", "-O", "qcow2", "-o", "cluster_size=65536", str(src), str(dst))
 
 
-async def convert_from(src: Path, dst: Path, src_fmt: str | None = None) -> None:
-    """Import any image QEMU reads (raw, qcow2, ...) as a standalone qcow2."""
-    args = ["convert", "-q"]
-    if src_fmt:
-        args += ["-f", src_fmt]
-    await run(*args, "-O", "qcow2", "-o", "cluster_size=65536", str(src), str(dst))
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def image_format(path: Path) -> str:
+    """"qcow2" or "raw", from the file's first bytes -- never qemu-img's guess, which
+    would read a raw disk that happens to hold a qcow2 header (a qube can write
+    one) as qcow2, backing file and all."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+
+
+async def convert_from(src: Path, dst: Path) -> None:
+    """Import a raw or qcow2 image as a standalone qcow2.
+
+    A qcow2 source must not name a backing file: importing would copy in the
+    content of whatever file that names (another qube's volume, any file dom0
+    can read)."""
+    fmt = image_format(src)
+    if fmt == "qcow2":
+        info = json.loads(await run("info", "--output=json", "-f", "qcow2", "-U", str(src)))
+        if info.get("backing-filename") or info.get("full-backing-filename"):
+            raise StoragePoolException(
+                f"refusing to import {src}: it is a qcow2 image backed by "
+                f"{info.get('backing-filename')!r}; flatten it first (qemu-img convert)")
+    await run("convert", "-q", "-f", fmt, "-O", "qcow2", "-o", "cluster_size=65536",
+              str(src), str(dst))
 
 
 async def resize(path: Path, size: int) -> None:

@@ -1,0 +1,100 @@
+"""The management stack against real qubes: a qube's whole life, events, the daemon's restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+def qvm_ls_row(bulkhead, name: str) -> list[str] | None:
+    for line in bulkhead.tool("qvm-ls").stdout.splitlines():
+        if line.split()[:1] == [name]:
+            return line.split()
+    return None
+
+
+def test_create_start_list_shutdown_remove(bulkhead):
+    bulkhead.tool("qvm-create", "-t", "debian-12", "-l", "green", "t1")
+    vol_dir = bulkhead.home / "pools" / "default" / "appvms" / "t1"
+    assert (vol_dir / "private" / "current.qcow2").exists()
+    bulkhead.tool("qvm-start", "t1")
+    assert qvm_ls_row(bulkhead, "t1")[:5] == ["t1", "Running", "AppVM", "green", "debian-12"]
+    bulkhead.tool("qvm-shutdown", "--wait", "t1")
+    assert qvm_ls_row(bulkhead, "t1")[1] == "Halted"
+    bulkhead.tool("qvm-remove", "-f", "t1")
+    assert qvm_ls_row(bulkhead, "t1") is None
+    assert not vol_dir.exists(), "the removed qube's volumes are still on disk"
+
+
+def _raw_call(sock_path, request: bytes) -> bytes:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(sock_path))
+    s.sendall(request)
+    s.shutdown(socket.SHUT_WR)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    s.close()
+    return out
+
+
+def test_wire_format_against_the_real_daemon(bulkhead):
+    listing = _raw_call(bulkhead.socket, b"admin.vm.List+ dom0 name dom0\0")
+    assert listing.startswith(b"0\0")
+    lines = listing[2:].decode().splitlines()
+    assert "dom0 class=AdminVM state=Running" in lines
+    assert any(l.startswith("work class=AppVM state=") for l in lines)
+    assert _raw_call(bulkhead.socket, b"admin.vm.property.Get+netvm dom0 name work\0") == \
+        b"0\0default=True type=vm sys-firewall"
+    err = _raw_call(bulkhead.socket, b"admin.vm.property.Get+netvm dom0 name nope\0")
+    assert err.startswith(b"2\0QubesVMNotFoundError\0")
+
+
+def test_events_stream_sees_a_start_by_another_client(bulkhead, scratch_qube):
+    q = scratch_qube
+    bulkhead.tool("qvm-shutdown", "--wait", q, check=False)
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(bulkhead.socket))
+    s.sendall(b"admin.Events+ dom0 name dom0\0")
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(120)
+    received = bytearray()
+    received += s.recv(65536)
+    assert received.startswith(b"1\0")           # connection-established comes first
+    starter = threading.Thread(target=bulkhead.tool, args=("qvm-start", q))
+    starter.start()
+    wanted = b"1\0" + q.encode() + b"\0domain-start\0"
+    while wanted not in received:
+        chunk = s.recv(65536)
+        assert chunk, "the event stream closed"
+        received += chunk
+    starter.join()
+    s.close()
+
+
+def test_daemon_killed_comes_back_and_readopts_running_qubes(bulkhead, work):
+    bulkhead.run(work, "echo before > /tmp/adopt-marker")
+    qemu = bulkhead.qemu_pid(work)
+    bulkhead.kill_daemon(signal.SIGKILL)
+    bulkhead.start_daemon()
+    assert bulkhead.qemu_pid(work) == qemu
+    assert bulkhead.state(work) == "Running"
+    # Same machine, same memory: the marker in its tmpfs is still there.
+    assert bulkhead.run(work, "cat /tmp/adopt-marker").stdout == "before\n"
+
+
+def test_daemon_network_namespace_has_only_lo(bulkhead, work):
+    pid = bulkhead.daemon_pid()
+    ifaces = [line.split(":")[0].strip() for line in
+              open(f"/proc/{pid}/net/dev").read().splitlines()[2:]]
+    assert ifaces == ["lo"]
+    qemu = bulkhead.qemu_pid(work)
+    assert os.readlink(f"/proc/{qemu}/ns/net") == os.readlink(f"/proc/{pid}/ns/net")
+    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
