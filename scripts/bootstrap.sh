@@ -24,4 +24,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$BULKHEAD_VENV/bin/pip" install -q --disable-pip-version-check -e "$repo[test]"
     echo "$want" > "$stamp"
 fi
+# Compiled bytecode: without it every qvm-* command recompiles the client (~20 ms),
+# and some environments (PYTHONDONTWRITEBYTECODE) never write it themselves.
+"$BULKHEAD_VENV/bin/python" -m compileall -q "$repo/src" >/dev/null
 export PATH="$BULKHEAD_VENV/bin:$PATH"

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import stat
+import time
 import uuid as uuid_mod
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -48,6 +51,9 @@ if TYPE_CHECKING:  # pragma: no cover
 Observer = Callable[[Any, str, dict[str, Any]], None]
 
 DEFAULT_POOL = "default"
+
+#: how old vm-kernels' mtime must be before its listing is cached (see installed_kernels)
+_KERNELS_SETTLED_NS = 2_000_000_000
 
 
 def _setter_pool(app: "App", prop: Property, value: str) -> str:
@@ -117,6 +123,9 @@ class App(PropertyHolder):
         self._observers: list[Observer] = []
         # Names and qids of qubes being created (their volumes are being made).
         self._creating: dict[str, int] = {}
+        #: vm-kernels, and ((dev, inode, mtime) of it, its listing): see installed_kernels
+        self._kernels_dir: str | None = None
+        self._kernels_cache: tuple[tuple[int, int, int], tuple[str, ...]] | None = None
         if lifecycle is not None:
             self.set_lifecycle(lifecycle)
 
@@ -180,14 +189,33 @@ class App(PropertyHolder):
         return get_label(value)
 
     def installed_kernels(self) -> list[str] | None:
-        """Kernel versions installed in vm-kernels, oldest first; None if unknown (no paths)."""
+        """Kernel versions installed in vm-kernels, oldest first; None if unknown (no paths).
+
+        Every qube's ``kernel`` default asks (through ``default_kernel``), so
+        GetAll of 200 qubes would list the directory 200 times: the listing is
+        kept while the directory's inode and mtime are unchanged, once the
+        mtime is old enough that a second change in the same clock tick could
+        not go unseen.
+        """
         if self.paths is None:
             return None
-        kernels_dir = self.paths.vm_kernels
-        if not kernels_dir.is_dir():
+        if self._kernels_dir is None:
+            self._kernels_dir = str(self.paths.vm_kernels)  # a Path per call costs more
+        kernels_dir = self._kernels_dir
+        try:
+            st = os.stat(kernels_dir)
+        except OSError:
             return []
-        names = [entry.name for entry in kernels_dir.iterdir() if entry.is_dir()]
-        return sorted(names, key=_natural_key)
+        if not stat.S_ISDIR(st.st_mode):
+            return []
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        if self._kernels_cache is not None and self._kernels_cache[0] == key:
+            return list(self._kernels_cache[1])
+        with os.scandir(kernels_dir) as entries:
+            names = sorted((entry.name for entry in entries if entry.is_dir()), key=_natural_key)
+        if time.time_ns() - st.st_mtime_ns > _KERNELS_SETTLED_NS:
+            self._kernels_cache = (key, tuple(names))
+        return names
 
     # --- first start -------------------------------------------------------------------
     def initialize(self) -> None:

@@ -11,30 +11,50 @@ independent instances side by side:
 ``BULKHEAD_CACHE`` may point the download/build cache somewhere shared (tests
 use it so that the kernel and template are built once per machine, not once
 per test instance); it defaults to ``$BULKHEAD_HOME/cache``.
+
+Every qvm-* tool imports this module for :func:`socket_path`, so it imports
+little at start: pathlib, hashlib and dataclasses would cost each tool some
+30 ms, and only the daemon and ``bulkhead setup`` need :class:`Paths`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, NamedTuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
 
 DEFAULT_HOME = "/var/lib/bulkhead"
 DEFAULT_SOCKET = "/run/qubesd.sock"
 
 
-@dataclass(frozen=True)
-class Paths:
+def _absolute(path: str) -> str:
+    # as Path.absolute() makes it: relative to the current directory
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+def socket_path(env: Mapping[str, str] | None = None) -> str:
+    """The Admin API socket: ``$BULKHEAD_SOCKET`` (absolute), else Qubes' path."""
+    env = os.environ if env is None else env
+    return _absolute(env.get("BULKHEAD_SOCKET") or DEFAULT_SOCKET)
+
+
+class Paths(NamedTuple):
+    """Where one instance keeps things: ``home``, ``socket``, ``cache`` and what derives
+    from them (a NamedTuple rather than a frozen dataclass: see the module doc)."""
+
     home: Path
     socket: Path
     cache: Path
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Paths":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Paths":
+        from pathlib import Path  # here, not at the top: see the module documentation
+
         env = os.environ if env is None else env
         home = Path(env.get("BULKHEAD_HOME") or DEFAULT_HOME).absolute()
-        socket = Path(env.get("BULKHEAD_SOCKET") or DEFAULT_SOCKET).absolute()
+        socket = Path(socket_path(env))
         cache = Path(env.get("BULKHEAD_CACHE") or home / "cache").absolute()
         return cls(home=home, socket=socket, cache=cache)
 
@@ -71,6 +91,9 @@ class Paths:
         path derived from the home directory instead of inside it.  It is on
         /run (tmpfs): after a host reboot no VM is running, and none is found.
         """
+        import hashlib  # here, not at the top: see the module documentation
+        from pathlib import Path
+
         digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:10]
         return Path("/run/bulkhead") / digest
 

@@ -293,18 +293,35 @@ class PropertyHolder(Emitter):
         setattr(cls, "_bulkhead_property_list", result)
         return result
 
+    @classmethod
+    def property_dict(cls) -> dict[str, Property]:
+        """Every property of this class by name (computed once per class)."""
+        cached = cls.__dict__.get("_bulkhead_property_dict")
+        if cached is None:
+            cached = {prop.name: prop for prop in cls.property_list()}
+            setattr(cls, "_bulkhead_property_dict", cached)
+        return cached
+
     def property_names(self) -> list[str]:
         return [prop.name for prop in self.property_list()]
 
     def property_get_def(self, name: str) -> Property:
-        for prop in self.property_list():
-            if prop.name == name:
-                return prop
-        raise QubesNoSuchPropertyError(self, name)
+        try:
+            return self.property_dict()[name]
+        except KeyError:
+            raise QubesNoSuchPropertyError(self, name) from None
 
     def property_is_default(self, name: str) -> bool:
         self.property_get_def(name)
         return name not in self._property_values
+
+    def property_value(self, prop: Property) -> tuple[bool, Any]:
+        """``(is_default, value)`` of ``prop`` in one lookup (what admin.vm.property.Get
+        reports); AttributeError if it is unset and has no default."""
+        values = self._property_values
+        if prop.name in values:
+            return False, values[prop.name]
+        return True, prop.get_default(self)
 
     def property_get_default(self, name: str) -> Any:
         """The value ``name`` has when reset; AttributeError if it has none."""

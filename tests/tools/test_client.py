@@ -33,6 +33,55 @@ def test_typed_property_values(app, conn):
     assert work.property_is_default("netvm") is True
 
 
+BULK = ("dom0", "bulkhead.vm.property.GetAllOfAll", None, b"")
+BULK_REPLY = (b"0\x00sys-firewall label default=False type=label green\n"
+              b"sys-firewall provides_network default=False type=bool True\n"
+              b"work kernelopts default=False type=str a\\nb\\\\c\n"
+              b"work label default=False type=label blue\n"
+              b"work memory default=True type=int \n"
+              b"work netvm default=True type=vm sys-firewall\n")
+
+
+def test_cache_prefetches_every_qube_in_one_call(app, conn):
+    conn.expected_calls[LIST] = vm_list("sys-firewall class=AppVM state=Running",
+                                        "work class=AppVM state=Halted")
+    conn.expected_calls[BULK] = BULK_REPLY
+    app.cache_enabled = True
+    work, firewall = app.domains["work"], app.domains["sys-firewall"]
+    assert work.kernelopts == "a\nb\\c"  # unescaped
+    assert str(work.label) == "blue" and work.netvm is firewall
+    assert work.property_is_default("netvm") and not work.property_is_default("label")
+    with pytest.raises(AttributeError):
+        work.memory  # noqa: B018 - exists, but has no value
+    assert work.property_list() == ["kernelopts", "label", "memory", "netvm"]
+    assert firewall.provides_network is True and str(firewall.label) == "green"
+    assert work.get_power_state() == "Halted"  # from the listing
+    with pytest.raises(errors.QubesNoSuchPropertyError):
+        firewall.get_property("template")  # not in its GetAll: no Get
+    assert conn.calls == [LIST, BULK]
+
+
+def test_a_change_drops_what_was_prefetched(app, conn):
+    conn.expected_calls[LIST] = vm_list("sys-firewall class=AppVM state=Running",
+                                        "work class=AppVM state=Halted")
+    conn.expected_calls[BULK] = [BULK_REPLY, BULK_REPLY.replace(b"type=label blue",
+                                                                b"type=label red")]
+    conn.expected_calls[("work", "admin.vm.property.Set", "label", b"red")] = b"0\x00"
+    app.cache_enabled = True
+    assert app.domains["sys-firewall"].provides_network is True
+    app.domains["work"].label = "red"
+    assert str(app.domains["work"].label) == "red"
+    assert conn.calls == [LIST, BULK, ("work", "admin.vm.property.Set", "label", b"red"), BULK]
+
+
+def test_without_cache_no_bulk_call(app, conn):
+    conn.expected_calls[LIST] = vm_list("work class=AppVM state=Halted")
+    conn.expected_calls[("work", "admin.vm.property.Get", "label", b"")] = (
+        b"0\x00default=False type=label blue")
+    assert str(app.domains["work"].label) == "blue"
+    assert conn.calls == [LIST, ("work", "admin.vm.property.Get", "label", b"")]
+
+
 def test_no_such_property_is_attribute_error(app, conn):
     conn.expected_calls[("work", "admin.vm.property.Get", "nope", b"")] = error(
         "QubesNoSuchPropertyError", "Invalid property 'nope' of work")

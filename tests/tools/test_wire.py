@@ -225,9 +225,12 @@ def test_not_running_daemon_gives_a_clear_error(sockdir):
 
 def test_default_socket_comes_from_the_environment(monkeypatch, sockdir):
     monkeypatch.setenv("BULKHEAD_SOCKET", str(sockdir / "env.sock"))
-    assert Connection().socket_path == sockdir / "env.sock"
+    assert Connection().socket_path == str(sockdir / "env.sock")
     monkeypatch.delenv("BULKHEAD_SOCKET")
-    assert str(Connection().socket_path) == "/run/qubesd.sock"
+    assert Connection().socket_path == "/run/qubesd.sock"
+    monkeypatch.setenv("BULKHEAD_SOCKET", "relative.sock")
+    assert Connection().socket_path == os.path.join(os.getcwd(), "relative.sock")
+    assert Connection(sockdir / "given.sock").socket_path == str(sockdir / "given.sock")
 
 
 def test_event_stream_over_socket(sockdir):

@@ -88,6 +88,16 @@ def get_all(**props: str) -> bytes:
     return b"0\x00" + "".join(f"{k} {v}\n" for k, v in props.items()).encode()
 
 
+def get_all_of_all(qubes: dict[str, bytes]) -> bytes:
+    """A ``bulkhead.vm.property.GetAllOfAll`` reply from each qube's ``get_all()`` reply:
+    every line of a qube's GetAll, prefixed with the qube's name."""
+    lines = []
+    for name, reply in qubes.items():
+        assert reply.startswith(b"0\x00")
+        lines += [name.encode() + b" " + line + b"\n" for line in reply[2:].split(b"\n") if line]
+    return b"0\x00" + b"".join(lines)
+
+
 def error(exc_type: str, message: str = "", *args: str) -> bytes:
     """A Qubes error reply."""
     return (b"2\x00" + exc_type.encode() + b"\x00\x00" + message.encode() + b"\x00"

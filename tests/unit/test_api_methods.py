@@ -157,6 +157,40 @@ def test_property_methods(server: Any) -> None:
         "ProtocolError"  # unexpected payload
 
 
+def test_get_all_of_all(server: Any) -> None:
+    """bulkhead.vm.property.GetAllOfAll: every qube's GetAll, each line prefixed with the
+    qube's name, qubes in admin.vm.List's order."""
+
+    async def prepare() -> None:
+        work = server.app.domains["work"]
+        # as loaded from a store, unchecked: GetAll escapes what a line cannot hold
+        work.load_property("kernelopts", "one\ntwo\\three")
+        # a property with no value (no default, never set)
+        del server.app.domains["vault"]._property_values["label"]
+
+    server.run(prepare())
+    reply = server.call("dom0", "bulkhead.vm.property.GetAllOfAll")
+    assert reply.startswith(b"0\0debian-12 autostart default=True type=bool False\n"
+                            b"debian-12 debug default=True type=bool False\n")
+    body = ok(reply)
+    assert "work kernelopts default=False type=str one\\ntwo\\\\three\n" in body
+    assert "\nvault label default=True type=label \n" in body
+    assert "\nvault netvm default=False type=vm \n" in body  # None
+    assert "\ndom0 qid default=False type=int 0\n" in body
+    names = [line.split(" ")[0] for line in ok(server.call("dom0", "admin.vm.List")).splitlines()]
+    assert "dom0" in names and len(names) == 7
+    assert body == "".join(f"{name} {line}\n" for name in names
+                           for line in ok(server.call(name, "admin.vm.property.GetAll")).split("\n")
+                           if line)
+    assert ok(server.call("vault", "admin.vm.property.Get", "label")) == "default=True type=label "
+    # on dom0, without argument or payload
+    assert error(server.call("work", "bulkhead.vm.property.GetAllOfAll"))[0] == "ProtocolError"
+    assert error(server.call("dom0", "bulkhead.vm.property.GetAllOfAll", "x"))[0] == \
+        "ProtocolError"
+    assert error(server.call("dom0", "bulkhead.vm.property.GetAllOfAll", None, b"x"))[0] == \
+        "ProtocolError"
+
+
 def test_global_property_methods(server: Any) -> None:
     names = ok(server.call("dom0", "admin.property.List")).splitlines()
     for expected in ("clockvm", "default_dispvm", "default_kernel", "default_netvm",

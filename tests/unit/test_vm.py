@@ -299,3 +299,30 @@ def test_concurrent_creates_of_one_name(system: Any, arun: Any) -> None:
     assert sum(isinstance(r, QubesValueError) for r in results) == 1
     assert system.domains["twin"].label.name == "red"
     assert system.domains["other"].qid != system.domains["twin"].qid
+
+
+def test_installed_kernels_follow_the_directory(tmp_path: Any) -> None:
+    import os
+    import shutil
+
+    from bulkhead.app import App
+    from bulkhead.config import Paths
+
+    app = App(Paths.from_env({"BULKHEAD_HOME": str(tmp_path)}))
+    assert app.installed_kernels() == []
+    kernels = tmp_path / "vm-kernels"
+    kernels.mkdir()
+    for name in ("6.10", "6.9"):
+        (kernels / name).mkdir()
+    (kernels / "README").write_text("not a kernel")
+    assert app.installed_kernels() == ["6.9", "6.10"]
+    os.utime(kernels, ns=(10**9, 10**9))  # changed long ago: the listing is kept...
+    app.installed_kernels().append("6.11")  # ...and a caller cannot spoil it
+    assert app.installed_kernels() == ["6.9", "6.10"]
+    (kernels / "6.11").mkdir()  # ...until the directory changes
+    assert app.installed_kernels() == ["6.9", "6.10", "6.11"]
+    os.utime(kernels, ns=(2 * 10**9, 2 * 10**9))
+    assert app.installed_kernels() == ["6.9", "6.10", "6.11"]
+    shutil.rmtree(kernels / "6.9")
+    assert app.installed_kernels() == ["6.10", "6.11"]
+    assert app.default_kernel == "6.11"

@@ -7,6 +7,18 @@ Formats, as Qubes':
   default);
 - GetAll: one ``NAME default=... type=... VALUE`` line per property, sorted,
   with ``\\`` and newlines escaped as ``\\\\`` and ``\\n``;
+- ``bulkhead.vm.property.GetAllOfAll`` (Bulkhead's own; on dom0, no
+  argument, no payload): the GetAll of every qube in one reply, for listings
+  (qvm-ls).  Each line is a qube's name, one space, then one line of that
+  qube's GetAll, byte for byte (escaping included)::
+
+      QUBE NAME default=True|False type=TYPE VALUE\\n
+
+  The qubes come in ``admin.vm.List``'s order (by name, dom0 included), all
+  the lines of one qube together, its properties sorted by name.  A qube's
+  name has no space, ``\\`` nor newline, so splitting a line at its first
+  space gives the qube and its GetAll line.  Qubes' qubesd has no such
+  method: a client falls back to one GetAll per qube when it is refused;
 - GetDefault: ``type=TYPE VALUE``, or an empty body if there is no default;
 - List: one name per line; Help: the property's documentation;
 - Set: the new value as the payload (empty for None); Reset: no payload.
@@ -21,12 +33,23 @@ from .registry import Call, method
 
 
 def _serialize(holder: PropertyHolder, prop: Property) -> str:
+    """Get's body: ``default=True|False type=TYPE VALUE``."""
     try:
-        value = getattr(holder, prop.name)
+        is_default, value = holder.property_value(prop)
     except AttributeError:
         return f"default=True type={prop.wire_type} "
-    return (f"default={holder.property_is_default(prop.name)} type={prop.wire_type} "
-            f"{prop.to_text(value)}")
+    return f"default={is_default} type={prop.wire_type} {prop.to_text(value)}"
+
+
+def _get_all(holder: PropertyHolder, prefix: str = "") -> str:
+    """GetAll's body, each line prefixed with ``prefix`` (GetAllOfAll's qube name)."""
+    lines = []
+    for prop in holder.property_list():
+        text = _serialize(holder, prop)
+        if "\\" in text or "\n" in text:
+            text = text.replace("\\", "\\\\").replace("\n", "\\n")
+        lines.append(f"{prefix}{prop.name} {text}\n")
+    return "".join(lines)
 
 
 def _register(prefix: str, dest: str, holder_of: Any) -> None:
@@ -43,12 +66,7 @@ def _register(prefix: str, dest: str, holder_of: Any) -> None:
 
     @method(prefix + "GetAll", dest=dest, arg=False)
     async def property_get_all(call: Call) -> str:
-        holder = holder_of(call)
-        lines = []
-        for prop in holder.property_list():
-            text = _serialize(holder, prop).replace("\\", "\\\\").replace("\n", "\\n")
-            lines.append(f"{prop.name} {text}\n")
-        return "".join(lines)
+        return _get_all(holder_of(call))
 
     @method(prefix + "GetDefault", dest=dest, arg=True)
     async def property_get_default(call: Call) -> str | None:
@@ -82,3 +100,9 @@ def _register(prefix: str, dest: str, holder_of: Any) -> None:
 
 _register("admin.vm.property.", "any", lambda call: call.dest)
 _register("admin.property.", "dom0", lambda call: call.app)
+
+
+@method("bulkhead.vm.property.GetAllOfAll", dest="dom0", arg=False)
+async def property_get_all_of_all(call: Call) -> str:
+    """Every qube's GetAll in one reply (see the module documentation for the format)."""
+    return "".join([_get_all(vm, vm.name + " ") for vm in call.app.domains])

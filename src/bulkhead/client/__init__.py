@@ -15,14 +15,23 @@ Modules: :mod:`.wire` (the byte format), :mod:`.connection` (the socket),
 :mod:`.table` (shared by the tools).
 """
 
+from typing import Any
+
 from .app import App
 from .collections import Label
 from .connection import Connection, EventStream
 from .holder import DEFAULT
-from .run import RunError
 from .storage import Pool, Volume
 from .vm import VM, RunResult
 from .wire import Event
 
 __all__ = ["App", "Connection", "EventStream", "Event", "VM", "Volume", "Pool", "Label",
            "RunError", "RunResult", "DEFAULT"]
+
+
+def __getattr__(name: str) -> Any:
+    # RunError lives in .run, which only qvm-run needs: the other tools do not import it.
+    if name == "RunError":
+        from .run import RunError
+        return RunError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,7 @@ and the operations that make qubes: :meth:`add_new_vm` and :meth:`clone_vm`.
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .. import errors
 from .collections import Label, LabelCollection, PoolCollection, VMCollection
@@ -16,7 +15,13 @@ from .connection import Connection, EventStream
 from .holder import PropertyHolder
 from .vm import VM
 
-log = logging.getLogger("bulkhead.client")
+if TYPE_CHECKING:  # pragma: no cover
+    import logging
+
+
+def _log() -> logging.Logger:
+    import logging  # only clone_vm logs: the other tools need not import logging
+    return logging.getLogger("bulkhead.client")
 
 #: Properties that admin.vm.Create sets, or that identify a qube: never copied by a clone.
 _NOT_CLONED = frozenset({"name", "qid", "template", "label", "uuid", "installed_by_rpm",
@@ -34,8 +39,9 @@ class App(PropertyHolder):
         self._domains = VMCollection(self)
         self._labels = LabelCollection(self)
         self._pools = PoolCollection(self)
-        #: when True, each qube's properties are fetched in one GetAll and the
-        #: power state comes from the listing (qvm-ls, qvm-prefs use it)
+        #: when True (qvm-ls), the properties of every qube are fetched in one
+        #: GetAllOfAll call (see VMCollection.prefetched_properties), the app's in
+        #: one GetAll, and the power state comes from the listing
         self._cache_enabled = False
 
     # --- plumbing ---------------------------------------------------------------
@@ -145,13 +151,13 @@ class App(PropertyHolder):
             for name, dst_volume in sorted(dst.volumes.items()):
                 if name in ignore or not dst_volume.save_on_stop:
                     continue
-                log.info("cloning volume %s of %s", name, src.name)
+                _log().info("cloning volume %s of %s", name, src.name)
                 dst_volume.clone_from(src.volumes[name])
         except (errors.QubesException, KeyError):
             try:
                 del self._domains[dst.name]
             except errors.QubesException as e:  # pragma: no cover - best effort
-                log.error("could not remove the partial clone %s: %s", dst.name, e)
+                _log().error("could not remove the partial clone %s: %s", dst.name, e)
             raise
         return dst
 
@@ -175,7 +181,7 @@ class App(PropertyHolder):
             try:
                 action()
             except errors.QubesException as e:
-                log.error("failed to copy %s to %s: %s", what, dst.name, e)
+                _log().error("failed to copy %s to %s: %s", what, dst.name, e)
                 if not ignore_errors:
                     raise
 

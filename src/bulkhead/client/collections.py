@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING, Callable, Generic, Iterator, TypeVar
 
 from .. import errors
 from .storage import Pool
+from .vm import VM
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import App
-    from .vm import VM
 
 T = TypeVar("T")
+
+#: Bulkhead's method answering every qube's GetAll at once (see bulkhead.api.admin_props)
+GET_ALL_OF_ALL = "bulkhead.vm.property.GetAllOfAll"
 
 
 class Label:
@@ -115,15 +118,24 @@ class PoolCollection(NamedCollection[Pool]):
 
 
 class VMCollection:
-    """All qubes, from ``admin.vm.List``: one line per qube, ``NAME class=C state=S [k=v ...]``."""
+    """All qubes, from ``admin.vm.List``: one line per qube, ``NAME class=C state=S [k=v ...]``.
+
+    When the app caches (qvm-ls), the properties of every qube come in one
+    ``bulkhead.vm.property.GetAllOfAll`` call (see :meth:`prefetched_properties`).
+    """
 
     def __init__(self, app: "App") -> None:
         self.app = app
         self._listing: dict[str, dict[str, str]] | None = None
         self._objects: dict[str, "VM"] = {}
+        #: qube -> property -> its GetAll text, from GetAllOfAll; None until asked
+        self._prefetched: dict[str, dict[str, str]] | None = None
+        #: the daemon refused GetAllOfAll (Qubes' qubesd has no such method)
+        self._no_bulk = False
 
     def clear_cache(self) -> None:
         self._listing = None
+        self._prefetched = None
 
     def refresh(self) -> dict[str, dict[str, str]]:
         """The listing, fetched if not cached: name -> {"class": ..., "state": ...}."""
@@ -145,13 +157,57 @@ class VMCollection:
                     vm._klass = info.get("class")
         return self._listing
 
+    def prefetched_properties(self, name: str) -> dict[str, str] | None:
+        """``name``'s properties (name -> GetAll text, see :func:`.holder._split_get_all`),
+        from one GetAllOfAll call for every qube, made at the first ask after each
+        :meth:`clear_cache`.
+
+        Each qube's properties are handed out once (a qube that clears its cache
+        asks the daemon again).  None if the daemon does not have the method, or
+        did not list ``name``: the caller then makes its own GetAll.
+        """
+        if self._prefetched is None:
+            self._prefetched = {} if self._no_bulk else self._fetch_all_properties()
+        return self._prefetched.pop(name, None)
+
+    def forget_prefetched(self) -> None:
+        """Drop what GetAllOfAll brought and was not read yet (a change made it stale)."""
+        self._prefetched = None
+
+    def _fetch_all_properties(self) -> dict[str, dict[str, str]]:
+        try:
+            body = self.app.call("dom0", GET_ALL_OF_ALL)
+        except errors.QubesDaemonAccessError:
+            self._no_bulk = True  # an empty reply: qrexec's policy, or an older daemon
+            return {}
+        except errors.QubesDaemonCommunicationError:
+            raise  # not a refusal: falling back would fail the same way
+        except (errors.QubesException, errors.ProtocolError, errors.PermissionDenied):
+            self._no_bulk = True  # "no such method"
+            return {}
+        result: dict[str, dict[str, str]] = {}
+        current_vm = ""
+        current: dict[str, str] = {}
+        for line in body.decode("utf-8").split("\n"):
+            if not line:
+                continue
+            parts = line.split(" ", 2)
+            if len(parts) != 3:
+                raise errors.QubesDaemonCommunicationError(
+                    f"malformed {GET_ALL_OF_ALL} line {line[:80]!r}")
+            vm, prop, text = parts
+            if vm != current_vm:  # a qube's lines come together
+                current_vm = vm
+                current = result.setdefault(vm, {})
+            current[prop] = text
+        return result
+
     def listed(self, name: str) -> dict[str, str] | None:
         """What ``admin.vm.List`` said about ``name`` (class, state), if it is cached."""
         return (self._listing or {}).get(name)
 
     def get_blind(self, name: str) -> "VM":
         """The VM object for ``name`` without checking that it exists."""
-        from .vm import VM
         vm = self._objects.get(name)
         if vm is None:
             info = self.listed(name) or {}

@@ -17,11 +17,10 @@ import os
 import select
 import socket
 import time
-from pathlib import Path
 from typing import Iterator
 
 from .. import errors
-from ..config import paths
+from ..config import socket_path as default_socket_path
 from . import wire
 
 BUF_SIZE = 65536
@@ -32,7 +31,9 @@ class Connection:
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None,
                  timeout: float | None = None) -> None:
-        self.socket_path = Path(socket_path) if socket_path is not None else paths().socket
+        #: the socket's path, as a string
+        self.socket_path = (os.fspath(socket_path) if socket_path is not None
+                            else default_socket_path())
         #: seconds to wait for a reply; None waits as long as the daemon works
         #: (starting a qube can take a while under TCG)
         self.timeout = timeout
@@ -41,7 +42,7 @@ class Connection:
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(str(self.socket_path))
+            sock.connect(self.socket_path)
         except OSError as e:
             sock.close()
             if e.errno in (errno.EACCES, errno.EPERM):

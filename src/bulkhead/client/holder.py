@@ -44,21 +44,32 @@ def serialize_value(value: Any) -> bytes:
     return str(value).encode("utf-8")
 
 
-def _unescape(line: bytes) -> bytes:
+def _unescape(text: str) -> str:
     """Undo GetAll's escaping of ``\\`` and newlines inside a value."""
-    if b"\\" not in line:  # the common case, and qvm-ls reads thousands of these
-        return line
-    out = bytearray()
+    if "\\" not in text:  # the common case, and qvm-ls reads thousands of these
+        return text
+    out = []
     escaped = False
-    for ch in line:
+    for ch in text:
         if escaped:
-            out += b"\n" if ch == ord("n") else bytes([ch])
+            out.append("\n" if ch == "n" else ch)
             escaped = False
-        elif ch == ord("\\"):
+        elif ch == "\\":
             escaped = True
         else:
             out.append(ch)
-    return bytes(out)
+    return "".join(out)
+
+
+def _split_get_all(body: str) -> dict[str, str]:
+    """A GetAll body as property name -> its text (``default=... type=... VALUE``, still
+    escaped: :meth:`PropertyHolder._lookup` parses a property when it is first read)."""
+    texts = {}
+    for line in body.split("\n"):
+        if line:
+            name, _, text = line.partition(" ")
+            texts[name] = text
+    return texts
 
 
 class PropertyHolder:
@@ -70,8 +81,11 @@ class PropertyHolder:
         self._app = app
         self._dest = dest
         self._property_names: list[str] | None = None
-        #: name -> (is_default, value); filled by GetAll when the app caches
+        #: name -> (is_default, value); filled from ``_raw`` as properties are read
         self._cache: dict[str, tuple[bool, Any]] = {}
+        #: name -> its GetAll text, still escaped and unparsed (parsed when first read:
+        #: qvm-ls reads a few of each qube's 25 properties)
+        self._raw: dict[str, str] = {}
         self._cache_loaded = False
 
     # --- calls ---------------------------------------------------------------
@@ -80,6 +94,7 @@ class PropertyHolder:
 
     def clear_cache(self) -> None:
         self._cache = {}
+        self._raw = {}
         self._cache_loaded = False
 
     # --- parsing ---------------------------------------------------------------
@@ -97,42 +112,56 @@ class PropertyHolder:
             return self._app.labels.get_blind(value) if value else None
         raise errors.QubesDaemonCommunicationError(f"unknown property type {prop_type!r}")
 
-    def _parse_get(self, reply: bytes) -> tuple[bool, Any]:
-        parts = reply.decode("utf-8").split(" ", 2)
+    def _parse_get(self, reply: str) -> tuple[bool, Any]:
+        """Get's reply ``default=True|False type=TYPE VALUE`` as (is_default, value)."""
+        parts = reply.split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("default=") or not parts[1].startswith("type="):
             raise errors.QubesDaemonCommunicationError(f"malformed property reply {reply[:80]!r}")
         value = parts[2] if len(parts) == 3 else ""
         return parts[0] == "default=True", self.parse_typed_value(parts[1][5:], value)
 
-    def _load_all(self) -> None:
-        """Fill the cache with one GetAll call; if the daemon cannot, fall back to single Gets."""
-        self._cache_loaded = True
+    def _fetch_all(self) -> dict[str, str] | None:
+        """Every property's GetAll text by name (see :func:`_split_get_all`), from one
+        GetAll call; None if the daemon refuses it."""
         try:
             reply = self._call(self._method_prefix + "GetAll")
         except errors.QubesVMNotFoundError:
             raise
         except errors.QubesException:
+            return None
+        return _split_get_all(reply.decode("utf-8"))
+
+    def _load_all(self) -> None:
+        """Fill the cache with all the properties at once; if the daemon cannot, fall back
+        to single Gets."""
+        self._cache_loaded = True
+        raw = self._fetch_all()
+        if raw is None:
             return
-        cache = {}
-        for line in reply.splitlines():
-            if not line:
-                continue
-            name, _, rest = _unescape(line).partition(b" ")
-            cache[name.decode("ascii")] = self._parse_get(rest)
-        self._cache = cache
-        self._property_names = sorted(cache)
+        self._cache = {}
+        self._raw = raw
+        self._property_names = sorted(raw)
 
     def _lookup(self, name: str) -> tuple[bool, Any]:
         if self._app.cache_enabled and not self._cache_loaded:
             self._load_all()
         if name in self._cache:
             return self._cache[name]
+        raw = self._raw.pop(name, None)
+        if raw is not None:
+            result = self._cache[name] = self._parse_get(_unescape(raw))
+            return result
         if self._cache_loaded and self._property_names is not None and name not in self._property_names:
             raise errors.QubesNoSuchPropertyError(self._dest, name)
-        result = self._parse_get(self._call(self._method_prefix + "Get", name))
+        result = self._parse_get(self._call(self._method_prefix + "Get", name).decode("utf-8"))
         if self._app.cache_enabled:
             self._cache[name] = result
         return result
+
+    def load_all_properties(self) -> None:
+        """Fetch all of this object's properties now, in one call, and read them from
+        there from now on (qvm-prefs' listing); :meth:`clear_cache` forgets them."""
+        self._load_all()
 
     # --- the public interface --------------------------------------------------
     def property_list(self) -> list[str]:
@@ -154,11 +183,18 @@ class PropertyHolder:
             self.reset_property(name)
             return
         self._call(self._method_prefix + "Set", name, serialize_value(value))
-        self._cache.pop(name, None)
+        self._forget(name)
 
     def reset_property(self, name: str) -> None:
         self._call(self._method_prefix + "Reset", name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """After a Set or Reset: what is cached of ``name`` is stale, and so may be what
+        GetAllOfAll brought for the qubes not read yet (their defaults may follow it)."""
         self._cache.pop(name, None)
+        self._raw.pop(name, None)
+        self._app.domains.forget_prefetched()
 
     def property_help(self, name: str) -> str:
         return self._call(self._method_prefix + "Help", name).decode("utf-8")
@@ -188,7 +224,8 @@ class PropertyHolder:
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if self._is_local(name):
+        # "_" first, without a call: each VM sets ten such attributes when made
+        if name[:1] == "_" or self._is_local(name):
             object.__setattr__(self, name, value)
         else:
             self.set_property(name, value)

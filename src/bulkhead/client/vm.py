@@ -7,8 +7,7 @@ here knows how the daemon runs qubes.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, NamedTuple
 
 from .. import errors
 from .holder import PropertyHolder
@@ -103,8 +102,7 @@ class Tags:
             pass
 
 
-@dataclass
-class RunResult:
+class RunResult(NamedTuple):
     """What :meth:`VM.run` collected."""
 
     returncode: int
@@ -167,6 +165,14 @@ class VM(PropertyHolder):
 
     def __lt__(self, other: "VM") -> bool:
         return self.name < other.name
+
+    def _fetch_all(self) -> dict[str, str] | None:
+        # When the app caches (qvm-ls), one call brings every qube's properties.
+        if self._app.cache_enabled:
+            raw = self._app.domains.prefetched_properties(self.name)
+            if raw is not None:
+                return raw
+        return super()._fetch_all()
 
     # --- power ------------------------------------------------------------------
     def start(self) -> None:

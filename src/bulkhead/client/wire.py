@@ -21,7 +21,7 @@ Reply::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .. import errors
 
@@ -120,13 +120,12 @@ def parse_reply(data: bytes) -> bytes:
     raise errors.QubesDaemonCommunicationError("invalid reply from the daemon")
 
 
-@dataclass
-class Event:
+class Event(NamedTuple):
     """One event of ``admin.Events``; ``subject`` is ``None`` for the app itself (dom0-wide)."""
 
     subject: str | None
     name: str
-    kwargs: dict[str, str] = field(default_factory=dict)
+    kwargs: dict[str, str]
 
 
 class EventParser:

@@ -27,6 +27,7 @@ RPC_DIRS = ("/etc/qubes-rpc", "/usr/local/etc/qubes-rpc")
 # place of the real programs: `dpkg` would be busybox's.)
 SHELL = ("/bin/sh", "sh")
 READ_CHUNK = 65536
+READY_MARK = "/run/bulkhead/agent-ready"
 # How much dom0-bound output may wait in our send buffer before we stop reading
 # from children (credits already bound it per call; this bounds the total).
 OUT_HIGH_WATER = 4 * 1024 * 1024
@@ -314,6 +315,16 @@ class Agent:
             if version != P.VERSION:
                 raise P.ProtocolViolation("dom0 speaks protocol version %d, we speak %d"
                                           % (version, P.VERSION))
+            if not self.connected and not os.path.exists(READY_MARK):
+                # Tells rc.sysinit's background work (onlining vCPUs) that boot is done.
+                try:
+                    os.mkdir(os.path.dirname(READY_MARK))
+                except OSError:
+                    pass
+                try:
+                    os.close(os.open(READY_MARK, os.O_CREAT | os.O_WRONLY, 0o644))
+                except OSError:
+                    pass
             self.connected = True
         elif mtype == P.PING:
             self.send(P.PONG, 0, payload)

@@ -23,6 +23,7 @@ PACKAGES = {
     "libssl-dev": "kernel build",
     "busybox-static": "the tiny initramfs of the boot benchmark",
     "iproute2": "dom0's network namespace",
+    "cpio": "tests read the benchmark initramfs back",
 }
 
 

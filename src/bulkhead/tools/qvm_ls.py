@@ -6,8 +6,10 @@ The default columns are Qubes' ``simple`` format::
     dom0     Running  AdminVM black  -         -
 
 Any qube property can be a column (``-O name,memory,vcpus``); an empty or
-absent value shows as ``-``.  Properties come from one ``GetAll`` per qube and
-states from the ``admin.vm.List`` reply, so a listing costs few calls.
+absent value shows as ``-``.  The properties of every qube come from one
+``bulkhead.vm.property.GetAllOfAll`` call (from a daemon without it, as
+Qubes' qubesd, one ``GetAll`` per qube) and the states from the
+``admin.vm.List`` reply, so a listing costs two calls.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from typing import Sequence
 
 from .. import errors
@@ -56,6 +55,8 @@ def _text(value: object) -> str:
 def process_actions(parser: QubesArgumentParser, ns: argparse.Namespace,
                     target: PropertyHolder) -> int:
     if ns.help_properties:
+        import textwrap  # only here: it compiles regular expressions when imported
+
         properties = target.property_list()
         width = max((len(p) for p in properties), default=0)
         wrapper = textwrap.TextWrapper(width=80, initial_indent="  ",
@@ -67,9 +68,9 @@ def process_actions(parser: QubesArgumentParser, ns: argparse.Namespace,
     if ns.property is None:
         if ns.delete or ns.value is not None:
             parser.error("a PROPERTY is required")
-        # one GetAll instead of one Get per property
-        ns.app.cache_enabled = True
         properties = target.property_list()
+        # one GetAll (of this qube only) instead of one Get per property
+        target.load_all_properties()
         width = max((len(p) for p in properties), default=0)
         for prop in sorted(properties):
             try:

@@ -26,7 +26,6 @@ import argparse
 import codecs
 import shlex
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Callable, Sequence
 
 from .. import errors
@@ -225,6 +224,9 @@ def _run_all(parser: QubesArgumentParser, ns: argparse.Namespace, domains: list[
         return _run_passio(parser, ns, domains[0], command)
     if len(domains) == 1:
         return _run_quiet(parser, ns, domains[0], command)
+    # only here: concurrent.futures (logging, threading...) would slow every qvm-run's start
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=min(8, len(domains))) as pool:
         codes = list(pool.map(lambda vm: _run_quiet(parser, ns, vm, command), domains))
     return max(codes, default=0)
