@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -67,6 +68,19 @@ def bare_boot(kernel: Path, initrd: Path, accel: str) -> float:
     if took is None:
         sys.exit("the bare kernel did not print its marker")
     return took
+
+
+TIMELINE = ("read -r _ s e < /run/bulkhead/boot-times; "
+            "a=$(cut -d' ' -f22 /proc/$(pgrep -o -f qrexec-agen[t])/stat); "
+            "r=$(stat -c %.3Y /run/bulkhead/agent-ready); n=$(date +%s.%N); "
+            "read -r up _ < /proc/uptime; echo $s $e $a $r $n $up")
+
+
+def guest_timeline(vm) -> tuple[float, float, float, float]:
+    """When init began and ended, when the agent started and said HELLO, in guest uptime."""
+    out = vm.run(TIMELINE, user="root").stdout.split()
+    start, end, agent_ticks, ready, now, up = (float(x) for x in out)
+    return start, end, agent_ticks / 100, up - (now - ready)
 
 
 def memory_overhead(pid: int, guest_mib: int) -> tuple[float, float, float]:
@@ -114,12 +128,13 @@ def main() -> int:
         vm.start()           # first start formats the private volume: not a cold start
         vm.shutdown(wait=True)
 
-        bare, cold = [], []
+        bare, cold, phases = [], [], []
         for _ in range(args.runs):
             bare.append(bare_boot(kernel, initrd, accel.name))
             t = time.monotonic()
             vm.start()
             cold.append(time.monotonic() - t)
+            phases.append(guest_timeline(vm))
             vm.shutdown(wait=True)   # clean: a kill would leave the next boot a journal to replay
 
         vm.start()
@@ -146,6 +161,10 @@ def main() -> int:
         print(f"bare kernel+initramfs boot:        {spread(bare)}")
         print(f"qube cold start to agent-ready:    {spread(cold)}   (goal <= 2500 ms)")
         print(f"ratio cold start / bare boot:      {c / b:.2f}   (goal <= 1.50)")
+        names = ["init starts", "init done", "agent starts", "agent ready"]
+        med = [statistics.median(p[i] for p in phases) for i in range(4)]
+        print("  guest timeline (median, s since the kernel started): " +
+              ", ".join(f"{n} {m:.2f}" for n, m in zip(names, med)))
         print(f"run round trip (Admin API, true):  median {median_ms(rts):.1f} ms over "
               f"{len(rts)} calls   (goal <= 50 ms)")
         print(f"qvm-run command, whole:            median {median_ms(cli):.0f} ms "

@@ -66,7 +66,7 @@ def kernel_cmdline(spec: MachineSpec, accel: Accel) -> str:
     ]
     if spec.vcpus > 1:
         # Bringing up the other vCPUs costs ~0.2-0.5 s of boot under TCG; the
-        # guest onlines them once its agent is up (rc.sysinit), off the path
+        # guest agent onlines them once it has said HELLO, off the path
         # to agent-ready.
         parts.append("maxcpus=1")
     if spec.extra.get("resize_private") == "1":

@@ -316,15 +316,7 @@ class Agent:
                 raise P.ProtocolViolation("dom0 speaks protocol version %d, we speak %d"
                                           % (version, P.VERSION))
             if not self.connected and not os.path.exists(READY_MARK):
-                # Tells rc.sysinit's background work (onlining vCPUs) that boot is done.
-                try:
-                    os.mkdir(os.path.dirname(READY_MARK))
-                except OSError:
-                    pass
-                try:
-                    os.close(os.open(READY_MARK, os.O_CREAT | os.O_WRONLY, 0o644))
-                except OSError:
-                    pass
+                self.first_hello()
             self.connected = True
         elif mtype == P.PING:
             self.send(P.PONG, 0, payload)
@@ -356,12 +348,32 @@ class Agent:
                 except (ProcessLookupError, PermissionError, OverflowError, ValueError):
                     pass
 
+    def first_hello(self):
+        """The qube is up: record when, and bring the other vCPUs online.
+
+        dom0 boots qubes with one vCPU online (``maxcpus=1``) because bringing
+        up the others takes a good part of a second under TCG; now that the
+        qube counts as started, that work is off the start's path.
+        """
+        try:
+            os.makedirs(os.path.dirname(READY_MARK), exist_ok=True)
+            os.close(os.open(READY_MARK, os.O_CREAT | os.O_WRONLY, 0o644))
+        except OSError:
+            pass
+        script = ("for c in /sys/devices/system/cpu/cpu[0-9]*/online; do "
+                  "read -r on < $c; [ $on = 0 ] && echo 1 > $c; done")
+        try:
+            pid = os.posix_spawn("/bin/sh", ["sh", "-c", script], {"PATH": PATH})
+            self.by_fd[os.pidfd_open(pid)] = (pid, "helper")
+        except OSError as e:
+            log("cannot bring the other vCPUs online: %s" % e)
+
     # --- the loop ------------------------------------------------------------
     def poll_set(self):
         want = {self.fd: POLLIN | (POLLOUT if self.out else 0)}
         room = len(self.out) < OUT_HIGH_WATER
         for fd, (call, role) in self.by_fd.items():
-            if role == "pid" or role == "spare":
+            if role in ("pid", "spare", "helper"):
                 want[fd] = POLLIN
             elif role == "stdin":
                 if call.stdin_buf:
@@ -418,6 +430,14 @@ class Agent:
         call, role = self.by_fd[fd]
         if role == "spare":
             self.spare_died(call)
+            return
+        if role == "helper":  # a helper of the agent's own finished: reap it
+            del self.by_fd[fd]
+            os.close(fd)
+            try:
+                os.waitpid(call, 0)
+            except ChildProcessError:
+                pass
             return
         if role == "pid":
             self.reap(call)
