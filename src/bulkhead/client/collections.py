@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Generic, Iterator, TypeVar
 from .. import errors
 from .storage import Pool
 from .vm import VM
+from .named import Named
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import App
@@ -23,7 +24,7 @@ T = TypeVar("T")
 GET_ALL_OF_ALL = "bulkhead.vm.property.GetAllOfAll"
 
 
-class Label:
+class Label(Named):
     """A label: a name (``red``), an index and a colour (``0xcc0000``)."""
 
     def __init__(self, app: "App", name: str) -> None:
@@ -32,21 +33,6 @@ class Label:
         self._color: str | None = None
         self._index: int | None = None
 
-    def __str__(self) -> str:
-        return self.name
-
-    def __repr__(self) -> str:
-        return f"<Label {self.name}>"
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Label):
-            return self.name == other.name
-        if isinstance(other, str):
-            return self.name == other
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self.name)
 
     @property
     def color(self) -> str:

@@ -15,6 +15,7 @@ A :class:`Pool` is addressed by name; ``admin.pool.Info`` gives its
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from .named import Named
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import App
@@ -133,7 +134,7 @@ class Volume:
         self.refresh()
 
 
-class Pool:
+class Pool(Named):
     """A storage pool (``admin.pool.*`` calls with the pool name as argument)."""
 
     def __init__(self, app: "App", name: str) -> None:
@@ -141,24 +142,6 @@ class Pool:
         self.name = name
         self._config: dict[str, str] | None = None
 
-    def __str__(self) -> str:
-        return self.name
-
-    def __repr__(self) -> str:
-        return f"<Pool {self.name}>"
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Pool):
-            return self.name == other.name
-        if isinstance(other, str):
-            return self.name == other
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __lt__(self, other: "Pool") -> bool:
-        return self.name < other.name
 
     @property
     def config(self) -> dict[str, str]:

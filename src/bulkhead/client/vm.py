@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, NamedTuple
 from .. import errors
 from .holder import PropertyHolder
 from .storage import Volume
+from .named import Named
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import App
@@ -110,7 +111,7 @@ class RunResult(NamedTuple):
     stderr: bytes
 
 
-class VM(PropertyHolder):
+class VM(Named, PropertyHolder):
     """A qube, named ``name``; its properties are attributes (``vm.netvm``, ``vm.label``)."""
 
     _method_prefix = "admin.vm.property."
@@ -147,24 +148,6 @@ class VM(PropertyHolder):
     def tags(self) -> Tags:
         return self._tags
 
-    def __str__(self) -> str:
-        return self.name
-
-    def __repr__(self) -> str:
-        return f"<VM {self.name}>"
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, VM):
-            return self.name == other.name
-        if isinstance(other, str):
-            return self.name == other
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __lt__(self, other: "VM") -> bool:
-        return self.name < other.name
 
     def _fetch_all(self) -> dict[str, str] | None:
         # When the app caches (qvm-ls), one call brings every qube's properties.
