@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 Observer = Callable[[Any, str, dict[str, Any]], None]
 
 DEFAULT_POOL = "default"
+KERNEL_POOL = "linux-kernel"
 
 #: how old vm-kernels' mtime must be before its listing is cached (see installed_kernels)
 _KERNELS_SETTLED_NS = 2_000_000_000
@@ -219,12 +220,15 @@ class App(PropertyHolder):
 
     # --- first start -------------------------------------------------------------------
     def initialize(self) -> None:
-        """Give a new system what every Qubes system has: dom0 and the default pool."""
+        """Give a new system what every Qubes system has: dom0, the default pool and
+        the pool of dom0's qube kernels."""
         if DEFAULT_POOL not in self.pools:
             config = {}
             if self.paths is not None:
                 config["dir_path"] = str(self.paths.pools / DEFAULT_POOL)
             self.pools.define(DEFAULT_POOL, "file", config)
+        if KERNEL_POOL not in self.pools and self.paths is not None:
+            self.pools.define(KERNEL_POOL, "linux-kernel", {"dir_path": str(self.paths.vm_kernels)})
         if "dom0" not in self.domains:
             dom0 = AdminVM(self, name="dom0", qid=0, uuid=ADMINVM_UUID,
                            label=get_label("black"))

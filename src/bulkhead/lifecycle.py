@@ -94,6 +94,8 @@ class QemuLifecycle:
         pool = self._pool(config.pool)
         if getattr(pool, "resolver", "absent") is None:
             pool.resolver = self._resolve_source  # type: ignore[attr-defined]
+        if pool.driver == "linux-kernel":
+            return pool.init_volume(str(vm.kernel or ""), config)  # its id is the version
         return pool.init_volume(volume_vid(vm, name), config)
 
     def _resolve_source(self, source: str) -> Volume:

@@ -91,7 +91,7 @@ def _state(sock: Path, name: str) -> dict[str, Any] | None:
         props[prop] = (default == "default=True", value)
     for prop in ("name", "qid", "uuid", "label", "template"):
         assert props[prop][0] is False and props[prop][1], (name, prop, props[prop])
-    assert ok(call(sock, name, "admin.vm.volume.List")) == "root\nprivate\nvolatile\n"
+    assert ok(call(sock, name, "admin.vm.volume.List")) == "root\nprivate\nvolatile\nkernel\n"
     features = {f: ok(call(sock, name, "admin.vm.feature.Get", f))
                 for f in ok(call(sock, name, "admin.vm.feature.List")).splitlines()}
     tags = set(ok(call(sock, name, "admin.vm.tag.List")).splitlines())

@@ -98,3 +98,15 @@ def test_daemon_network_namespace_has_only_lo(bulkhead, work):
     qemu = bulkhead.qemu_pid(work)
     assert os.readlink(f"/proc/{qemu}/ns/net") == os.readlink(f"/proc/{pid}/ns/net")
     assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+
+
+def test_volumes_as_qubes_lays_them_out(bulkhead):
+    listing = bulkhead.tool("qvm-volume", "list", "work").stdout
+    for volume in ("root", "private", "volatile", "kernel"):
+        assert f"work:{volume}" in listing or f" {volume} " in listing, listing
+    kernel = bulkhead.app().default_kernel
+    info = bulkhead.tool("qvm-volume", "info", "work:kernel").stdout
+    assert f"vm-kernels/{kernel}/vmlinux" in info
+    assert "rw" in info and "False" in info
+    root = bulkhead.tool("qvm-volume", "info", "work:root").stdout
+    assert "snap_on_start" in root and "vm-templates/debian-12/root" in root

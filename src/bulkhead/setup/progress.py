@@ -46,10 +46,17 @@ class Step:
         self.title = title
         self.note = ""
         self.status = None
+        self._last_line = time.monotonic()
 
     def update(self, text: str) -> None:
         if self.status is not None:
             self.status.update(f"[bold]{self.title}[/] [dim]{text[:100]}[/]")
+        if not console.is_terminal:
+            # No spinner in a log (CI): a line every half minute shows the step lives.
+            now = time.monotonic()
+            if now - self._last_line >= 30:
+                self._last_line = now
+                console.print(f"  … {self.title}: {text[:100]}", markup=False)
 
     def run(self, argv: Sequence[str], log: Path, cwd: Path | None = None,
             env: dict[str, str] | None = None, what: str | None = None) -> None:

@@ -11,7 +11,9 @@ DispVM      snap_on_start of its        snap_on_start of its disposable
             template's template root    template's private
 ==========  ==========================  ================================
 
-Every qube also has ``volatile`` (10 GiB, ephemeral: fresh at each start).
+Every qube also has ``volatile`` (10 GiB, ephemeral: fresh at each start) and
+``kernel``: dom0's kernel named by its ``kernel`` property, read-only, in the
+``linux-kernel`` pool (a volume whose id is the kernel version, as in Qubes).
 A volume's ``vid`` is ``vm-templates/NAME/VOLUME`` for templates and
 ``appvms/NAME/VOLUME`` otherwise (see ``QubesVM.volume_vid``); a snapshot's
 ``source`` is ``"POOL:VID"`` of the volume it copies.
@@ -71,12 +73,22 @@ def _volatile(vm: "QubesVM", pool: str | None, pools: Mapping[str, str] | None) 
                         revisions_to_keep=0)
 
 
+KERNEL_POOL = "linux-kernel"
+
+
+def _with_kernel(vm: "QubesVM", layout: dict[str, VolumeConfig]) -> dict[str, VolumeConfig]:
+    if KERNEL_POOL in vm.app.pools:
+        layout["kernel"] = VolumeConfig(name="kernel", pool=KERNEL_POOL, size=0, rw=False,
+                                        revisions_to_keep=0)
+    return layout
+
+
 def own_root_layout(vm: "QubesVM", pool: str | None = None,
                     pools: Mapping[str, str] | None = None) -> dict[str, VolumeConfig]:
     """TemplateVM and StandaloneVM: their own root and private, both kept."""
     root_pool = pool_for(vm, "root", pool, pools)
     private_pool = pool_for(vm, "private", pool, pools)
-    return {
+    return _with_kernel(vm, {
         "root": VolumeConfig(name="root", pool=root_pool, size=ROOT_SIZE, rw=True,
                              save_on_stop=True,
                              revisions_to_keep=vm.app.pools.revisions_to_keep(root_pool)),
@@ -84,7 +96,7 @@ def own_root_layout(vm: "QubesVM", pool: str | None = None,
                                 save_on_stop=True,
                                 revisions_to_keep=vm.app.pools.revisions_to_keep(private_pool)),
         "volatile": _volatile(vm, pool, pools),
-    }
+    })
 
 
 def appvm_layout(vm: "QubesVM", pool: str | None = None,
@@ -92,7 +104,7 @@ def appvm_layout(vm: "QubesVM", pool: str | None = None,
     """AppVM: a fresh snapshot of the template's root at each start, its own private."""
     template = _template_of(vm)
     private_pool = pool_for(vm, "private", pool, pools)
-    return {
+    return _with_kernel(vm, {
         "root": VolumeConfig(name="root", pool=pool_for(vm, "root", pool, pools),
                              size=template.volume_config["root"].size, rw=True,
                              snap_on_start=True, source=source_of(template, "root"),
@@ -101,7 +113,7 @@ def appvm_layout(vm: "QubesVM", pool: str | None = None,
                                 save_on_stop=True,
                                 revisions_to_keep=vm.app.pools.revisions_to_keep(private_pool)),
         "volatile": _volatile(vm, pool, pools),
-    }
+    })
 
 
 def dispvm_layout(vm: "QubesVM", pool: str | None = None,
@@ -109,7 +121,7 @@ def dispvm_layout(vm: "QubesVM", pool: str | None = None,
     """DispVM: snapshots of its disposable template's root source and private."""
     dvm_template = _template_of(vm)
     root_source = dvm_template.volume_config["root"].source or source_of(dvm_template, "root")
-    return {
+    return _with_kernel(vm, {
         "root": VolumeConfig(name="root", pool=pool_for(vm, "root", pool, pools),
                              size=dvm_template.volume_config["root"].size, rw=True,
                              snap_on_start=True, source=root_source, revisions_to_keep=0),
@@ -118,7 +130,7 @@ def dispvm_layout(vm: "QubesVM", pool: str | None = None,
                                 snap_on_start=True, source=source_of(dvm_template, "private"),
                                 revisions_to_keep=0),
         "volatile": _volatile(vm, pool, pools),
-    }
+    })
 
 
 def retarget_snapshots(vm: Any) -> None:
