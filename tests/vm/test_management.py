@@ -110,3 +110,32 @@ def test_volumes_as_qubes_lays_them_out(bulkhead):
     assert "rw" in info and "False" in info
     root = bulkhead.tool("qvm-volume", "info", "work:root").stdout
     assert "snap_on_start" in root and "vm-templates/debian-12/root" in root
+
+
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_real_daemon_survives_malformed_requests_with_bounded_memory(bulkhead):
+    import random
+
+    from hostile import KNOWN_ERRORS, malformed
+
+    pid = bulkhead.daemon_pid()
+    rng = random.Random(1234)
+    # Warm up (imports, caches), then measure across 1,000 malformed requests.
+    for i in range(100):
+        _raw_call(bulkhead.socket, malformed(rng, i))
+    before = _rss_kib(pid)
+    for i in range(1000):
+        reply = _raw_call(bulkhead.socket, malformed(rng, i))
+        if reply:
+            assert reply.startswith(b"2\0"), reply[:80]
+            assert reply.split(b"\0")[1].decode() in KNOWN_ERRORS, reply[:120]
+    after = _rss_kib(pid)
+    # Some requests carry payloads of ~90 KB: nothing of them may stay behind.
+    assert after - before < 16 * 1024, (before, after)
+    assert _raw_call(bulkhead.socket, b"admin.vm.List+ dom0 name dom0\0").startswith(b"0\0")

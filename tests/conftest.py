@@ -1,0 +1,6 @@
+"""Shared by every test directory: ``tests/`` itself is importable (``hostile``)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
