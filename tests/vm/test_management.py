@@ -105,9 +105,13 @@ def test_volumes_as_qubes_lays_them_out(bulkhead):
     for volume in ("root", "private", "volatile", "kernel"):
         assert f"work:{volume}" in listing or f" {volume} " in listing, listing
     kernel = bulkhead.app().default_kernel
-    info = bulkhead.tool("qvm-volume", "info", "work:kernel").stdout
-    assert f"vm-kernels/{kernel}/vmlinux" in info
-    assert "rw" in info and "False" in info
+    info = dict(line.split(None, 1) for line in
+                bulkhead.tool("qvm-volume", "info", "work:kernel").stdout.splitlines()
+                if len(line.split(None, 1)) == 2)
+    assert info["pool"].strip() == "linux-kernel"
+    assert info["vid"].strip() == kernel
+    assert info["rw"].strip() == "False"
+    assert int(info["size"].strip()) > 1_000_000  # dom0's vmlinux
     root = bulkhead.tool("qvm-volume", "info", "work:root").stdout
     assert "snap_on_start" in root and "vm-templates/debian-12/root" in root
 

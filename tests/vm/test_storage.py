@@ -1,4 +1,4 @@
-"""Qubes' storage semantics on real qubes: what survives a restart, templates, revisions."""
+"""Qubes' storage semantics on the qube `work`: what survives a restart, templates, revisions."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def restart(bulkhead, qube: str) -> None:
     bulkhead.tool("qvm-start", qube)
 
 
-def test_root_changes_vanish_and_home_persists(bulkhead, scratch_qube):
-    q = scratch_qube
+def test_root_changes_vanish_and_home_persists(bulkhead, work):
+    q = work
     bulkhead.tool("qvm-start", "--skip-if-running", q)
     bulkhead.run(q, "echo etc > /etc/bulkhead-test; echo home > /home/user/kept; sync", user="root")
     assert bulkhead.run(q, "cat /etc/bulkhead-test /home/user/kept").stdout == "etc\nhome\n"
@@ -30,8 +30,8 @@ def test_root_changes_vanish_and_home_persists(bulkhead, scratch_qube):
     assert " /rw ext4 " in mounts and " /home ext4 " in mounts and " /usr/local ext4 " in mounts
 
 
-def test_revert_private_brings_back_previous_revision(bulkhead, scratch_qube):
-    q = scratch_qube
+def test_revert_private_brings_back_previous_revision(bulkhead, work):
+    q = work
     bulkhead.tool("qvm-start", "--skip-if-running", q)
     bulkhead.run(q, "echo first > /home/user/version; sync")
     restart(bulkhead, q)              # commits "first"
@@ -59,8 +59,8 @@ def _make_deb(tmp_path: Path) -> Path:
     return deb
 
 
-def test_package_installed_in_template_reaches_appvm(bulkhead, scratch_qube, tmp_path):
-    q = scratch_qube
+def test_package_installed_in_template_reaches_appvm(bulkhead, work, tmp_path):
+    q = work
     deb = _make_deb(tmp_path)
     bulkhead.tool("qvm-start", "--skip-if-running", "debian-12")
     r = bulkhead.tool("qvm-run", "-p", "-u", "root", "debian-12",

@@ -98,7 +98,7 @@ class Volume(abc.ABC):
         return {
             "pool": self.pool.name,
             "vid": self.vid,
-            "size": str(c.size),
+            "size": str(self.size),
             "usage": str(self.usage),
             "rw": str(c.rw),
             "source": c.source or "",
