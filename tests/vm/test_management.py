@@ -80,14 +80,27 @@ def test_events_stream_sees_a_start_by_another_client(bulkhead, scratch_qube):
 
 
 def test_daemon_killed_comes_back_and_readopts_running_qubes(bulkhead, work):
+    import subprocess
     bulkhead.run(work, "echo before > /tmp/adopt-marker")
+    # Calls still running when the daemon dies: their channel numbers must not
+    # trouble the next daemon, which numbers its own from 1 again.
+    long_calls = [subprocess.Popen([str(bulkhead.env["PATH"].split(":")[0] + "/qvm-run"), "-p",
+                                    work, f"echo started; sleep {20 + i}"],
+                                   env=bulkhead.env, stdout=subprocess.PIPE)
+                  for i in range(3)]
+    for p in long_calls:
+        assert p.stdout.readline() == b"started\n"
     qemu = bulkhead.qemu_pid(work)
     bulkhead.kill_daemon(signal.SIGKILL)
+    for p in long_calls:
+        p.kill()
+        p.wait()
     bulkhead.start_daemon()
     assert bulkhead.qemu_pid(work) == qemu
     assert bulkhead.state(work) == "Running"
     # Same machine, same memory: the marker in its tmpfs is still there.
-    assert bulkhead.run(work, "cat /tmp/adopt-marker").stdout == "before\n"
+    for _ in range(4):
+        assert bulkhead.run(work, "cat /tmp/adopt-marker").stdout == "before\n"
 
 
 def test_daemon_network_namespace_has_only_lo(bulkhead, work):

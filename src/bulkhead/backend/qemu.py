@@ -297,6 +297,8 @@ class QemuBackend(Backend):
             raise BackendError(f"qube {spec.name!r} already has a running QEMU")
         run_dir = self.paths.qube_run_dir(spec.name)
         run_dir.mkdir(parents=True, exist_ok=True)
+        # QMP and the agent's port are full control of a qube: root's alone.
+        os.chmod(self.paths.run, 0o700)
         for stale in ("qmp.sock", "qrexec.sock", "console.sock", "qemu.pid"):
             (run_dir / stale).unlink(missing_ok=True)
         argv = build_argv(spec, self.accel, run_dir)

@@ -89,6 +89,7 @@ class Agent:
         self.calls = {}        # chan -> Call
         self.by_fd = {}        # fd -> (Call, role) role in "stdin", "out", "pid"; (proc, "spare")
         self.spares = {}       # user -> prespawned shells waiting for their command
+        self.orphans = set()   # calls of a dom0 connection that has gone, still to be reaped
         self.connected = False
 
     # --- the port ---------------------------------------------------------
@@ -112,10 +113,16 @@ class Agent:
         self.out += P.pack(mtype, chan, payload)
 
     def dom0_gone(self):
-        """dom0 closed its end (daemon restart or it dropped us): detach every call, say hello again."""
+        """dom0 closed its end (daemon restart or it dropped us): detach every call, say hello again.
+
+        The calls' processes run on, their output discarded; they leave the
+        channel table, because the next dom0 numbers its channels afresh.
+        """
         for call in list(self.calls.values()):
             call.orphaned = True
             self.close_stdin(call)
+            self.orphans.add(call)
+        self.calls.clear()
         self.hello()
 
     # --- calls ----------------------------------------------------------------
@@ -304,9 +311,11 @@ class Agent:
         if not call.finished():
             return
         self.close_stdin(call)
-        if not call.orphaned:
+        if call.orphaned:
+            self.orphans.discard(call)
+        else:
             self.send(P.EXIT, call.chan, P.i32(call.exit_code))
-        del self.calls[call.chan]
+            del self.calls[call.chan]
 
     # --- frames from dom0 --------------------------------------------------
     def handle(self, mtype, chan, payload):
