@@ -7,7 +7,6 @@ and simulated crashes.  Content is what matters, not that files exist.
 """
 
 from __future__ import annotations
-
 import asyncio
 import json
 import os
@@ -15,103 +14,30 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
-
 import pytest
-
 from bulkhead.errors import QubesValueError, StoragePoolException
 from bulkhead.storage import file_pool, qemu_img
 from bulkhead.storage.file_pool import FilePool, FileVolume
 from bulkhead.storage.pool import VolumeConfig
-
-pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
-                                reason="needs qemu-img and qemu-io (package qemu-utils)")
-
-MiB = 1024 * 1024
-SIZE = 4 * MiB
-POOL = "varlibqubes"
-CHUNK = 64 * 1024
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-# --- image content, through QEMU's own block layer --------------------------------------
-
-def qemu_io(img: Path, command: str) -> subprocess.CompletedProcess[str]:
-    # Read-only (-r), without taking QEMU's image lock (-U): checking never changes an image.
-    return subprocess.run(["qemu-io", "-r", "-U", "-c", command, str(img)],
-                          capture_output=True, text=True, timeout=30)
-
-
-def write_pattern(img: Path, byte: int, offset: int = 0, length: int = CHUNK) -> None:
-    r = subprocess.run(["qemu-io", "-c", f"write -P {byte:#x} {offset} {length}", str(img)],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr + r.stdout
-
-
-def has_pattern(img: Path, byte: int, offset: int = 0, length: int = CHUNK) -> bool:
-    r = qemu_io(img, f"read -P {byte:#x} {offset} {length}")
-    out = r.stdout + r.stderr
-    if "Pattern verification failed" in out:
-        return False
-    # Anything else than a clean read (an image qemu-io cannot open...) is an error, so a
-    # "not has_pattern" assertion can never pass vacuously.
-    assert r.returncode == 0 and f"read {length}/{length} bytes" in out, out
-    return True
-
-
-def info(img: Path) -> dict[str, Any]:
-    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(img)],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out)
-
-
-def check_image(img: Path) -> None:
-    """The image is a consistent qcow2 (what a crash must never break)."""
-    r = subprocess.run(["qemu-img", "check", "-U", str(img)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-# --- volumes ------------------------------------------------------------------------
-
-def make_pool(tmp_path: Path, resolver: Any = None) -> FilePool:
-    pool = FilePool(POOL, tmp_path / "pool", resolver=resolver)
-    run(pool.setup())
-    return pool
-
-
-def private(pool: FilePool, vid: str = "appvms/work/private", keep: int = 1,
-            size: int = SIZE) -> FileVolume:
-    return pool.init_volume(vid, VolumeConfig(name="private", pool=POOL, size=size,
-                                              save_on_stop=True, revisions_to_keep=keep))
-
-
-def template_root(pool: FilePool, keep: int = 1) -> FileVolume:
-    return pool.init_volume("vm-templates/debian-12/root", VolumeConfig(
-        name="root", pool=POOL, size=SIZE, save_on_stop=True, revisions_to_keep=keep))
-
-
-def app_root(pool: FilePool, size: int = MiB) -> FileVolume:
-    return pool.init_volume("appvms/work/root", VolumeConfig(
-        name="root", pool=POOL, size=size, snap_on_start=True,
-        source=f"{POOL}:vm-templates/debian-12/root"))
-
-
-def volatile(pool: FilePool, rw: bool = True) -> FileVolume:
-    return pool.init_volume("appvms/work/volatile", VolumeConfig(
-        name="volatile", pool=POOL, size=SIZE, rw=rw, ephemeral=True))
-
-
-def session(vol: FileVolume, byte: int, offset: int = 0) -> None:
-    """One run of the qube: start, the guest writes ``byte``, stop (commit)."""
-    spec = run(vol.start())
-    write_pattern(spec.path, byte, offset)
-    run(vol.stop())
-
-
-def tmp_files(vol: FileVolume) -> list[str]:
-    return [p.name for p in vol.dir.iterdir() if p.name.startswith(file_pool.TMP_PREFIX)]
+from pool_helpers import (  # noqa: F401 -- shared by the file pool tests
+    MiB,
+    SIZE,
+    POOL,
+    CHUNK,
+    run,
+    qemu_io,
+    write_pattern,
+    has_pattern,
+    info,
+    check_image,
+    make_pool,
+    private,
+    template_root,
+    app_root,
+    volatile,
+    session,
+    tmp_files,
+)
 
 
 # --- create -------------------------------------------------------------------------
@@ -552,138 +478,3 @@ def test_remove_deletes_everything_and_prunes_empty_parents(tmp_path):
     assert not (tmp_path / "pool/appvms").exists()
     assert (tmp_path / "pool").is_dir()                  # the pool's own directory stays
     run(sibling.remove())                                # removing twice is harmless
-
-
-# --- crash safety ----------------------------------------------------------------------------
-
-class CrashOnce:
-    """Wraps a function so that its first call 'crashes' (raises), later calls go through."""
-
-    def __init__(self, real: Any) -> None:
-        self.real = real
-        self.crashed = False
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.crashed:
-            self.crashed = True
-            raise OSError("simulated crash")
-        return self.real(*args, **kwargs)
-
-
-def test_crash_before_the_rename_keeps_the_previous_current(tmp_path, monkeypatch):
-    pool = make_pool(tmp_path)
-    vol = private(pool)
-    run(vol.create())
-    session(vol, 0x41)
-    spec = run(vol.start())
-    write_pattern(spec.path, 0x42)
-
-    crash = CrashOnce(os.replace)
-    monkeypatch.setattr(file_pool.os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        run(vol.stop())
-    assert crash.crashed
-    # The committed image is the previous one, whole; the run's writes wait in dirty.
-    check_image(vol.current)
-    assert has_pattern(vol.current, 0x41)
-    assert vol.is_dirty() and has_pattern(vol.dirty, 0x42)
-
-    # A new daemon (new objects) starts the qube: the leftover is committed first.
-    again = private(make_pool(tmp_path))
-    spec = run(again.start())
-    assert tmp_files(again) == []                        # the half-written temp is gone
-    assert has_pattern(again.current, 0x42)
-    assert has_pattern(spec.path, 0x42)                  # the new run starts from it
-    run(again.stop())
-    assert has_pattern(again.current, 0x42)
-    check_image(again.current)
-
-
-def test_crash_after_the_rename_commits_the_same_content_again(tmp_path, monkeypatch):
-    pool = make_pool(tmp_path)
-    vol = private(pool)
-    run(vol.create())
-    session(vol, 0x41, offset=0)
-    spec = run(vol.start())
-    write_pattern(spec.path, 0x42, offset=CHUNK)
-
-    # fsync_dir is first called right after the rename: crash there.
-    monkeypatch.setattr(qemu_img, "fsync_dir", CrashOnce(qemu_img.fsync_dir))
-    with pytest.raises(OSError, match="simulated crash"):
-        run(vol.stop())
-    # current is already the new image; the dirty overlay is still there, now over it.
-    assert has_pattern(vol.current, 0x42, CHUNK)
-    assert vol.is_dirty()
-
-    again = private(make_pool(tmp_path))
-    run(again.start())
-    run(again.stop())
-    assert has_pattern(again.current, 0x41, 0)
-    assert has_pattern(again.current, 0x42, CHUNK)
-    assert has_pattern(again.current, 0x00, 2 * CHUNK)
-    check_image(again.current)
-
-
-def test_dirty_left_by_a_crash_is_committed_at_next_start(tmp_path):
-    pool = make_pool(tmp_path)
-    vol = private(pool)
-    run(vol.create())
-    spec = run(vol.start())
-    write_pattern(spec.path, 0x41)
-    # The daemon died with the qube: no stop() ran.  The next daemon starts it again.
-    again = private(make_pool(tmp_path))
-    assert again.is_dirty()
-    spec = run(again.start())
-    assert has_pattern(again.current, 0x41)              # what the qube wrote is kept
-    assert info(spec.path)["backing-filename"] == "current.qcow2"
-    assert has_pattern(spec.path, 0x41)
-    write_pattern(spec.path, 0x42, offset=CHUNK)
-    run(again.stop())
-    assert has_pattern(again.current, 0x41) and has_pattern(again.current, 0x42, CHUNK)
-
-
-def test_leftover_temp_files_are_cleaned_at_start(tmp_path):
-    pool = make_pool(tmp_path)
-    vol = private(pool)
-    run(vol.create())
-    (vol.dir / ".tmp-commit.qcow2").write_bytes(b"half an image")
-    run(vol.start())
-    assert tmp_files(vol) == []
-
-
-def test_crash_during_commit_does_not_cost_an_older_revision(tmp_path, monkeypatch):
-    pool = make_pool(tmp_path)
-    vol = private(pool, keep=2)
-    run(vol.create())
-    session(vol, 0x41)
-    session(vol, 0x42)                   # revisions: 1 (empty), 2 (A); current B
-    spec = run(vol.start())
-    write_pattern(spec.path, 0x43)
-    monkeypatch.setattr(file_pool.os, "replace", CrashOnce(os.replace))
-    with pytest.raises(OSError):
-        run(vol.stop())
-    again = private(make_pool(tmp_path), keep=2)
-    run(again.start())                   # recovers: commits C
-    assert has_pattern(again.current, 0x43)
-    # The state a stop without the crash leaves: current C, kept revisions A and B.
-    kept = sorted(again._revision_files())
-    contents = [next(b for b in (0x41, 0x42, 0x43, 0x00) if has_pattern(p, b)) for _, p in kept]
-    assert contents == [0x41, 0x42]
-
-
-def test_crash_after_the_rename_keeps_the_previous_revision(tmp_path, monkeypatch):
-    pool = make_pool(tmp_path)
-    vol = private(pool, keep=1)
-    run(vol.create())
-    session(vol, 0x41)
-    spec = run(vol.start())
-    write_pattern(spec.path, 0x42)
-    monkeypatch.setattr(qemu_img, "fsync_dir", CrashOnce(qemu_img.fsync_dir))
-    with pytest.raises(OSError):
-        run(vol.stop())
-    again = private(make_pool(tmp_path), keep=1)
-    run(again.start())
-    assert has_pattern(again.current, 0x42)
-    # What a stop without the crash leaves: the one kept revision is A, so revert undoes B.
-    [(_, rev)] = again._revision_files()
-    assert has_pattern(rev, 0x41)
