@@ -60,6 +60,7 @@ class QemuLifecycle:
         self._announce: set[str] = set()          # qubes whose stop the listener must hear of
         self._stopped: dict[str, asyncio.Future[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._volume_locks: dict[str, asyncio.Lock] = {}
 
     # --- the backend, created on first use (detecting KVM boots a kernel) ------
     @property
@@ -239,10 +240,16 @@ class QemuLifecycle:
             link.close("start failed")
         await self._stop_volumes(vm, started)
 
-    @staticmethod
-    async def _stop_volumes(vm: "QubesVM", volumes: list[Volume]) -> None:
-        """Commit or discard each volume; one failing does not keep the others from stopping."""
-        results = await asyncio.gather(*(vol.stop() for vol in volumes), return_exceptions=True)
+    async def _stop_volumes(self, vm: "QubesVM", volumes: list[Volume]) -> None:
+        """Commit or discard each volume; one failing does not keep the others from stopping.
+
+        A start that fails after QEMU was launched is undone both here and by the
+        machine's exit handling; the lock makes the second pass find nothing to do
+        instead of committing the same copy twice at once.
+        """
+        async with self._volume_locks.setdefault(vm.name, asyncio.Lock()):
+            results = await asyncio.gather(*(vol.stop() for vol in volumes),
+                                           return_exceptions=True)
         for vol, r in zip(volumes, results):
             if isinstance(r, BaseException):
                 log.error("qube %s: cannot stop volume %s: %s", vm.name, vol.name, r)

@@ -45,3 +45,21 @@ def test_pause_and_unpause(bulkhead, scratch_qube):
     bulkhead.tool("qvm-unpause", q)
     assert bulkhead.state(q) == "Running"
     assert bulkhead.run(q, "echo after-pause").stdout == "after-pause\n"
+
+
+def test_failed_start_is_undone_and_explained(bulkhead, scratch_qube):
+    q = scratch_qube
+    bulkhead.tool("qvm-shutdown", "--wait", q, check=False)
+    # A kernel that finds no init panics and the machine resets during start-up.
+    bulkhead.tool("qvm-prefs", q, "kernelopts", "init=/nonexistent")
+    try:
+        r = bulkhead.tool("qvm-start", q, check=False)
+        assert r.returncode != 0
+        assert "console log" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert bulkhead.state(q) in ("Halted", "Crashed")
+        volumes = bulkhead.home / "pools" / "default" / "appvms" / q
+        assert not list(volumes.rglob("dirty.qcow2")), "a failed start left a volume started"
+    finally:
+        bulkhead.tool("qvm-prefs", "-D", q, "kernelopts")
+    bulkhead.tool("qvm-start", q)
+    assert bulkhead.run(q, "echo fine").stdout == "fine\n"
