@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 import sys
 import time
 from contextlib import redirect_stdout
@@ -26,18 +25,6 @@ from common import BenchInstance, median_ms, spread  # noqa: E402
 from bulkhead.client.app import App  # noqa: E402
 from bulkhead.client.connection import Connection  # noqa: E402
 from bulkhead.tools import qvm_ls  # noqa: E402
-
-
-def raw_call(path: str, request: bytes) -> bytes:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    s.sendall(request)
-    s.shutdown(socket.SHUT_WR)
-    out = b""
-    while chunk := s.recv(65536):
-        out += chunk
-    s.close()
-    return out
 
 
 def main() -> int:
@@ -69,10 +56,10 @@ def main() -> int:
             inproc.append(time.monotonic() - t)
         lines = buf.getvalue().count("\n")
         gets = []
-        req = b"admin.vm.property.Get+netvm dom0 name q100\0"
+        conn = Connection(inst.env["BULKHEAD_SOCKET"])
         for _ in range(200):
             t = time.monotonic()
-            reply = raw_call(inst.env["BULKHEAD_SOCKET"], req)
+            reply = conn.request("q100", "admin.vm.property.Get", "netvm")
             gets.append(time.monotonic() - t)
         assert reply.startswith(b"0\0"), reply
 

@@ -1,8 +1,11 @@
-"""Malformed Admin API requests, for the tests that check the daemon survives them."""
+"""Malformed Admin API requests, and sending bytes exactly as given, for the tests
+that check the daemon's wire format and that it survives bad input."""
 
 from __future__ import annotations
 
 import random
+import socket
+from pathlib import Path
 
 KNOWN_ERRORS = {"ProtocolError", "PermissionDenied", "QubesValueError", "QubesVMNotFoundError",
                 "QubesPropertyValueError", "QubesNoSuchPropertyError", "QubesLabelNotFoundError",
@@ -48,3 +51,28 @@ def malformed(rng: random.Random, i: int) -> bytes:
         header = f"{method}+{arg} dom0 name work\0".encode("utf-8", "replace")
         return header + bytes(rng.randrange(256) for _ in range(rng.randint(0, 50)))
     return b""  # connect and say nothing
+
+
+def raw_call(sock_path: str | Path, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``request`` as is, shut down the write side, read the whole reply."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(sock_path))
+        try:
+            s.sendall(request)
+            s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may refuse a request before reading all of it
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        s.close()

@@ -4,7 +4,6 @@ and a raw Admin API client that speaks the wire format byte for byte."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -13,6 +12,7 @@ from bulkhead.api import AdminServer, Limits, load_methods
 from bulkhead.app import App
 from bulkhead.lifecycle_fake import FakeLifecycle, fake_pool_factory
 from bulkhead.store import Store
+from hostile import raw_call  # noqa: F401 -- re-exported for the unit tests
 
 
 def make_app(db: Path | None = None) -> App:
@@ -42,31 +42,6 @@ async def standard_system(app: App) -> App:
     dvm.template_for_dispvms = True
     app.default_dispvm = dvm
     return app
-
-
-def raw_call(sock_path: str | Path, request: bytes, timeout: float = 10.0) -> bytes:
-    """Send ``request`` as is, shut down the write side, read the whole reply."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(sock_path))
-        try:
-            s.sendall(request)
-            s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may refuse a request before reading all of it
-        data = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
-        return data
-    finally:
-        s.close()
 
 
 def call(sock_path: str | Path, dest: str, method: str, arg: str | None = None,

@@ -6,9 +6,9 @@ import os
 import signal
 import socket
 import threading
-import time
 
 import pytest
+from hostile import raw_call
 
 pytestmark = pytest.mark.vm
 
@@ -33,27 +33,15 @@ def test_create_start_list_shutdown_remove(bulkhead):
     assert not vol_dir.exists(), "the removed qube's volumes are still on disk"
 
 
-def _raw_call(sock_path, request: bytes) -> bytes:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(str(sock_path))
-    s.sendall(request)
-    s.shutdown(socket.SHUT_WR)
-    out = b""
-    while chunk := s.recv(65536):
-        out += chunk
-    s.close()
-    return out
-
-
 def test_wire_format_against_the_real_daemon(bulkhead):
-    listing = _raw_call(bulkhead.socket, b"admin.vm.List+ dom0 name dom0\0")
+    listing = raw_call(bulkhead.socket, b"admin.vm.List+ dom0 name dom0\0")
     assert listing.startswith(b"0\0")
     lines = listing[2:].decode().splitlines()
     assert "dom0 class=AdminVM state=Running" in lines
     assert any(l.startswith("work class=AppVM state=") for l in lines)
-    assert _raw_call(bulkhead.socket, b"admin.vm.property.Get+netvm dom0 name work\0") == \
+    assert raw_call(bulkhead.socket, b"admin.vm.property.Get+netvm dom0 name work\0") == \
         b"0\0default=True type=vm sys-firewall"
-    err = _raw_call(bulkhead.socket, b"admin.vm.property.Get+netvm dom0 name nope\0")
+    err = raw_call(bulkhead.socket, b"admin.vm.property.Get+netvm dom0 name nope\0")
     assert err.startswith(b"2\0QubesVMNotFoundError\0")
 
 
@@ -145,14 +133,14 @@ def test_real_daemon_survives_malformed_requests_with_bounded_memory(bulkhead):
     rng = random.Random(1234)
     # Warm up (imports, caches), then measure across 1,000 malformed requests.
     for i in range(100):
-        _raw_call(bulkhead.socket, malformed(rng, i))
+        raw_call(bulkhead.socket, malformed(rng, i))
     before = _rss_kib(pid)
     for i in range(1000):
-        reply = _raw_call(bulkhead.socket, malformed(rng, i))
+        reply = raw_call(bulkhead.socket, malformed(rng, i))
         if reply:
             assert reply.startswith(b"2\0"), reply[:80]
             assert reply.split(b"\0")[1].decode() in KNOWN_ERRORS, reply[:120]
     after = _rss_kib(pid)
     # Some requests carry payloads of ~90 KB: nothing of them may stay behind.
     assert after - before < 16 * 1024, (before, after)
-    assert _raw_call(bulkhead.socket, b"admin.vm.List+ dom0 name dom0\0").startswith(b"0\0")
+    assert raw_call(bulkhead.socket, b"admin.vm.List+ dom0 name dom0\0").startswith(b"0\0")
