@@ -23,7 +23,6 @@ Usage: bench/boot.py [--runs N] [--calls N]
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import subprocess
@@ -119,7 +118,7 @@ def main() -> int:
     try:
         app = inst.app()
         kernel_version = app.default_kernel
-        kernel = inst.paths.vm_kernels / str(kernel_version) / "vmlinux"
+        kernel = inst.paths.vm_kernel_image(str(kernel_version))
         accel = detect(kernel, inst.paths.cache)
         initrd = initramfs.build(inst.home / "bench-initrd.cpio")
         inst.tool("qvm-create", "-t", "debian-12", "-l", "green", "--prop", "netvm=",

@@ -78,7 +78,7 @@ def info(paths: Paths) -> int:
     print(f"cache:     {paths.cache}")
     try:
         kid = kernel.kernel_id()
-        vmlinux = paths.vm_kernels / kid / "vmlinux"
+        vmlinux = paths.vm_kernel_image(kid)
         print(f"kernel:    {kid} ({'installed' if vmlinux.exists() else 'not built yet'})")
         if vmlinux.exists():
             print(f"accel:     {detect(vmlinux, paths.cache).describe()}")

@@ -73,6 +73,10 @@ class Paths(NamedTuple):
         """Kernels qubes boot, one directory per version (Qubes: /var/lib/qubes/vm-kernels)."""
         return self.home / "vm-kernels"
 
+    def vm_kernel_image(self, version: str) -> Path:
+        """The image of dom0's qube kernel ``version`` (what the ``kernel`` property names)."""
+        return self.vm_kernels / version / "vmlinux"
+
     @property
     def log_dir(self) -> Path:
         return self.home / "log"

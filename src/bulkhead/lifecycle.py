@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 VOLUME_ORDER = ("root", "private", "volatile")
 
 
-def kernel_image(paths: Paths, version: str) -> Path:
-    return paths.vm_kernels / version / "vmlinux"
-
-
 class QemuLifecycle:
     """Runs qubes as local QEMU machines."""
 
@@ -72,7 +68,7 @@ class QemuLifecycle:
 
     def _detect_accel(self) -> Accel:
         version = getattr(self.app, "default_kernel", None) or ""
-        kernel = kernel_image(self.paths, str(version))
+        kernel = self.paths.vm_kernel_image(str(version))
         if not kernel.exists():
             return Accel("tcg", "no qube kernel installed yet to probe KVM with")
         return detect(kernel, self.paths.cache)
@@ -216,7 +212,7 @@ class QemuLifecycle:
         kernel_version = vm.kernel or ""
         kernel: Path | None = None
         if kernel_version:
-            kernel = kernel_image(self.paths, str(kernel_version))
+            kernel = self.paths.vm_kernel_image(str(kernel_version))
             if not kernel.exists():
                 raise QubesVMError(vm, f"kernel {kernel_version!r} of qube {vm.name!r} is not "
                                        f"installed ({kernel} is missing); run `bulkhead setup`")

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from bulkhead import agentlink
-from bulkhead.agentlink import AgentLink, AgentLinkError, LinkState
+from bulkhead.agentlink import AgentLink, LinkState
 from bulkhead.guest import protocol as P
 
 WINDOW = P.WINDOW

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from bulkhead.errors import QubesValueError, StoragePoolException
-from bulkhead.storage import file_pool, qemu_img
+from bulkhead.storage import file_pool
 from bulkhead.storage.file_pool import FilePool, FileVolume
 from bulkhead.storage.pool import VolumeConfig
 

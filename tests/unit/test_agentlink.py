@@ -11,23 +11,15 @@ frame dom0 should never send fails the test too.
 """
 
 from __future__ import annotations
+
 import asyncio
-import shutil
-import struct
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, Awaitable, Callable
 import pytest
-from bulkhead import agentlink
 from bulkhead.agentlink import AgentLink, AgentLinkError, LinkState
 from bulkhead.guest import protocol as P
-from fake_guest import (  # noqa: F401 -- the fixture and helpers these tests share
+from fake_guest import (
     WINDOW,
     run,
-    header,
-    sock_dir,
-    GuestEnd,
     FakeGuest,
     connect,
     setup,
@@ -36,6 +28,7 @@ from fake_guest import (  # noqa: F401 -- the fixture and helpers these tests sh
     wait_until,
     assert_failed_by_violation,
 )
+from fake_guest import sock_dir  # noqa: F401 -- a pytest fixture these tests use
 
 
 # --- connecting ---------------------------------------------------------------------

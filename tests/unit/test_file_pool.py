@@ -7,25 +7,20 @@ and simulated crashes.  Content is what matters, not that files exist.
 """
 
 from __future__ import annotations
-import asyncio
-import json
-import os
-import shutil
+
 import subprocess
-from pathlib import Path
 from typing import Any
 import pytest
 from bulkhead.errors import QubesValueError, StoragePoolException
-from bulkhead.storage import file_pool, qemu_img
-from bulkhead.storage.file_pool import FilePool, FileVolume
+from bulkhead.storage import file_pool
+from bulkhead.storage.file_pool import FilePool
 from bulkhead.storage.pool import VolumeConfig
-from pool_helpers import (  # noqa: F401 -- shared by the file pool tests
+from pool_helpers import (
     MiB,
     SIZE,
     POOL,
     CHUNK,
     run,
-    qemu_io,
     write_pattern,
     has_pattern,
     info,

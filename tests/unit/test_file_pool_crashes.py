@@ -2,34 +2,20 @@
 no revision lost, the leftovers recovered at the next start."""
 
 from __future__ import annotations
-import asyncio
-import json
+
 import os
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 import pytest
-from bulkhead.errors import QubesValueError, StoragePoolException
 from bulkhead.storage import file_pool, qemu_img
-from bulkhead.storage.file_pool import FilePool, FileVolume
-from bulkhead.storage.pool import VolumeConfig
-from pool_helpers import (  # noqa: F401 -- shared by the file pool tests
-    MiB,
-    SIZE,
-    POOL,
+from pool_helpers import (
     CHUNK,
     run,
-    qemu_io,
     write_pattern,
     has_pattern,
     info,
     check_image,
     make_pool,
     private,
-    template_root,
-    app_root,
-    volatile,
     session,
     tmp_files,
 )

@@ -48,7 +48,7 @@ def test_garbage_closes_only_that_channel(bulkhead, scratch_qube, kind):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         new_log = bulkhead.daemon_log()[log_before:]
-        if f"qube {q}: protocol violation" in new_log or f"link to the guest agent closed" in new_log:
+        if f"qube {q}: protocol violation" in new_log or "link to the guest agent closed" in new_log:
             break
         time.sleep(0.2)
     new_log = bulkhead.daemon_log()[log_before:]

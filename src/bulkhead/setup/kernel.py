@@ -110,11 +110,10 @@ def build(paths: Paths, jobs: int | None = None) -> Path:
 def install(paths: Paths, vmlinux: Path) -> str:
     """Install a built kernel as one of dom0's qube kernels; returns its version name."""
     kid = vmlinux.parent.name
-    dest_dir = paths.vm_kernels / kid
-    dest = dest_dir / "vmlinux"
+    dest = paths.vm_kernel_image(kid)
     if not dest.exists():
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        tmp = dest_dir / "vmlinux.tmp"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".tmp")
         shutil.copyfile(vmlinux, tmp)
         os.replace(tmp, dest)
     return kid

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 from importlib import resources
 from pathlib import Path
 
