@@ -8,22 +8,40 @@ checked.  The rules the guest must keep, and what breaking them costs it:
 - output, exit codes and credits only for calls dom0 opened and that are
   still open, and no more output than the credit dom0 granted;
 
-Any violation closes the link (logged with the reason); calls in progress
-fail with a clear error; the daemon and every other qube carry on.  The next
-request reconnects, and the guest agent, seeing dom0 come back, says HELLO
-again.  Memory per link is bounded: one frame being parsed, and per call at
-most :data:`~bulkhead.guest.protocol.WINDOW` bytes of unconsumed output.
+- control messages (a HELLO after the first: the agent restarted; a PONG
+  nobody asked for) within a small budget (:data:`CONTROL_BURST`, then one
+  per :data:`CONTROL_REFILL_SECONDS`): repeated past it, they are a violation;
+- no empty CREDIT (it would cost dom0 work and carry nothing);
+- read what dom0 sends: a send that cannot finish within :data:`SEND_TIMEOUT`
+  closes the link.
+
+Any violation closes the link (logged with the reason, within the qube's log
+budget: :mod:`bulkhead.ratelimit`); calls in progress fail with a clear
+error; the daemon and every other qube carry on.  The next request
+reconnects -- after a pause that doubles with each violation in a row, so a
+qube that breaks the protocol in a loop costs dom0 next to nothing -- and the
+guest agent, seeing dom0 come back, says HELLO again.
+
+What a qube can make dom0 hold is bounded in bytes, whatever the size of its
+frames: one frame being parsed; per call at most
+:data:`~bulkhead.guest.protocol.WINDOW` bytes of unconsumed output, kept as
+one buffer per stream (a frame's bytes are appended, so a flood of 2-byte
+frames costs what their payload costs, not an object each); replies dom0
+owes the guest within the control budget; and dom0's own sends wait for the
+guest only up to :data:`SEND_TIMEOUT`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 from typing import Union
 
 from .errors import QubesException
 from .guest import protocol as P
+from .ratelimit import TokenBucket, qube_log
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +57,57 @@ class AgentLinkError(QubesException):
 
 
 FRAME_TIMEOUT = 10.0
+#: seconds dom0 waits for the guest to take a frame before it declares the link stalled
+SEND_TIMEOUT = 30.0
+#: control messages from the guest beyond the protocol's flow (HELLOs after the
+#: first, unsolicited PONGs): this many at once, then one per CONTROL_REFILL_SECONDS
+CONTROL_BURST = 8
+CONTROL_REFILL_SECONDS = 10.0
+#: after a violation dom0 reconnects only after 1, 2, 4 ... up to this many seconds
+BACKOFF_MAX = 30.0
+#: a link that stays READY this long without a violation starts its count afresh
+CLEAN_SECONDS = 60.0
+#: bytes of replies dom0 may owe a guest that is not reading them
+REPLY_BUFFER_CAP = 64 * 1024
 
 # What a call yields: ("stdout"|"stderr", bytes), ("error", str), ("exit", int)
 CallEvent = tuple[str, Union[bytes, str, int]]
 
 
 class Call:
-    """One command or service running in the qube, on one channel of the link."""
+    """One command or service running in the qube, on one channel of the link.
+
+    Output is kept as one byte buffer per stream (bounded by the credit dom0
+    granted, :data:`~bulkhead.guest.protocol.WINDOW`); ERROR and EXIT wait
+    in a short queue behind it, so the exit code comes after the last output.
+    """
 
     def __init__(self, link: "AgentLink", chan: int) -> None:
         self.link = link
         self.chan = chan
-        self.events: asyncio.Queue[CallEvent] = asyncio.Queue()
+        self._out = {P.STDOUT: bytearray(), P.STDERR: bytearray()}
+        self._tail: collections.deque[CallEvent] = collections.deque()  # error, exit
+        self._wake = asyncio.Event()
         self.send_credit = P.WINDOW           # stdin bytes we may still send
         self.recv_granted = P.WINDOW          # output bytes the guest may still send
         self.credit_event = asyncio.Event()
         self.open_streams = {P.STDOUT, P.STDERR}
         self.done = False
+        self.abandoned = False
         self.error_seen = False
         self.exit_code: int | None = None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of output held for this call (what it costs dom0's memory)."""
+        return len(self._out[P.STDOUT]) + len(self._out[P.STDERR])
+
     async def write(self, data: bytes) -> None:
-        """Send stdin data, waiting for credit so that the guest never buffers without bound."""
+        """Send stdin data, waiting for credit so that the guest never buffers without bound.
+
+        The wait has no deadline of its own (a command may read its input late):
+        whoever calls this must cancel it when its client goes away.
+        """
         view = memoryview(data)
         while view:
             while self.send_credit <= 0:
@@ -82,20 +129,54 @@ class Call:
             await self.link.send(P.SIGNAL, self.chan, P.u32(signum))
 
     async def next_event(self) -> CallEvent:
-        """The next output, error or exit; consuming output grants the guest more credit."""
-        kind, value = await self.events.get()
-        if kind in ("stdout", "stderr") and value and not self.done:
-            assert isinstance(value, bytes)
-            self.recv_granted += len(value)
-            await self.link.send(P.CREDIT, self.chan, P.u32(len(value)))
-        return kind, value
+        """The next output (up to one frame's worth), error or exit.
+
+        Consuming output grants the guest as much credit again.
+        """
+        while True:
+            for mtype, kind in ((P.STDOUT, "stdout"), (P.STDERR, "stderr")):
+                buf = self._out[mtype]
+                if buf:
+                    chunk = bytes(buf[:P.MAX_PAYLOAD])
+                    del buf[:len(chunk)]
+                    if not self.done:
+                        self.recv_granted += len(chunk)
+                        try:
+                            await self.link.send(P.CREDIT, self.chan, P.u32(len(chunk)))
+                        except AgentLinkError:
+                            pass  # the link closed: _fail queued the error and exit
+                    return kind, chunk
+            if self._tail:
+                return self._tail.popleft()
+            self._wake.clear()
+            await self._wake.wait()
+
+    def abandon(self) -> None:
+        """Nobody reads this call any more: drop its output and grant the guest no more credit.
+
+        The call keeps its channel until the guest ends it (the caller hangs the
+        command up); until then what the guest sends is counted against its
+        credit and discarded, so it costs dom0 no memory.
+        """
+        self.abandoned = True
+        for buf in self._out.values():
+            buf.clear()
+
+    def _output(self, mtype: int, untrusted_data: bytes) -> None:
+        if not self.abandoned:
+            self._out[mtype] += untrusted_data
+            self._wake.set()
+
+    def _event(self, event: CallEvent) -> None:
+        self._tail.append(event)
+        self._wake.set()
 
     def _fail(self, message: str) -> None:
         if not self.done:
             self.done = True
             self.credit_event.set()
-            self.events.put_nowait(("error", message))
-            self.events.put_nowait(("exit", 255))
+            self._event(("error", message))
+            self._event(("exit", 255))
 
 
 class AgentLink:
@@ -116,6 +197,10 @@ class AgentLink:
         self.violations = 0
         self._pongs: dict[bytes, asyncio.Future[None]] = {}
         self._ping_seq = 0
+        self._control = TokenBucket(CONTROL_BURST, CONTROL_REFILL_SECONDS)
+        self._streak = 0                  # violations in a row (see CLEAN_SECONDS)
+        self._ready_at = 0.0
+        self._retry_at = 0.0              # no reconnection before this loop time
 
     # --- connection ----------------------------------------------------------
     async def ensure_ready(self, timeout: float) -> None:
@@ -125,9 +210,17 @@ class AgentLink:
         async with self._connect_lock:
             if self.state == LinkState.READY:
                 return
-            self.state = LinkState.CONNECTING
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
+            if self._retry_at > loop.time():
+                # The guest broke the protocol just now: let it wait, not dom0's CPU.
+                if self._retry_at > deadline:
+                    raise AgentLinkError(
+                        f"qube {self.qube!r}: its guest agent broke the protocol {self._streak} "
+                        f"time(s) in a row; dom0 reconnects in "
+                        f"{self._retry_at - loop.time():.0f} s (see the daemon's log)")
+                await asyncio.sleep(self._retry_at - loop.time())
+            self.state = LinkState.CONNECTING
             try:
                 while True:
                     try:
@@ -148,7 +241,13 @@ class AgentLink:
                     f"({type(e).__name__}); is it a Bulkhead qube with the agent installed?") from None
             except AgentLinkError:
                 raise
+            if self._writer is None:
+                # The frames that came with the HELLO broke the protocol: the read
+                # loop has closed the link already, and it must stay closed.
+                raise AgentLinkError(f"qube {self.qube!r}: the guest agent broke the protocol "
+                                     f"right after its HELLO; see the daemon's log")
             self.state = LinkState.READY
+            self._ready_at = loop.time()
 
     def close(self, reason: str) -> None:
         """Drop the link: every call in progress fails with ``reason``."""
@@ -156,7 +255,9 @@ class AgentLink:
             return
         self.state = LinkState.DISCONNECTED
         if self._writer is not None:
-            self._writer.close()
+            # abort, not close: close would keep what the guest did not read
+            # buffered until it does, which a stalled guest never does.
+            self._writer.transport.abort()
             self._writer = None
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
@@ -173,13 +274,41 @@ class AgentLink:
                 fut.exception()
         self._pongs.clear()
 
-    async def send(self, mtype: int, chan: int, payload: bytes = b"") -> None:
+    async def send(self, mtype: int, chan: int, payload: bytes = b"",
+                   timeout: float | None = None) -> None:
+        """Send one frame; a guest that does not take it within ``timeout`` (default
+        :data:`SEND_TIMEOUT`) has stalled the link, which is then closed."""
         writer = self._writer
         if writer is None or self.state != LinkState.READY:
             raise AgentLinkError(f"qube {self.qube!r}: the guest agent is not connected")
+        frame = P.pack(mtype, chan, payload)
+        limit = SEND_TIMEOUT if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self._send_locked(writer, frame), limit)
+        except asyncio.TimeoutError:
+            reason = f"the guest did not read its port for {limit:.0f} s"
+            if timeout is None:  # the link's own deadline: the guest stalled it
+                qube_log(log, self.qube, logging.WARNING,
+                         "qube %s: %s; closing the link", self.qube, reason)
+                if self._writer is writer:
+                    self.close(reason)
+            raise AgentLinkError(f"qube {self.qube!r}: {reason}") from None
+
+    async def _send_locked(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
         async with self._send_lock:
-            writer.write(P.pack(mtype, chan, payload))
+            if writer.transport.is_closing():
+                raise AgentLinkError(f"qube {self.qube!r}: the link to the guest agent closed")
+            writer.write(frame)
             await writer.drain()
+
+    def _reply(self, frame: bytes) -> None:
+        """A reply the guest asked for (HELLO), written without waiting: the read
+        loop must not block on the guest.  Bounded by the control budget and by
+        :data:`REPLY_BUFFER_CAP` of what the guest has not read yet."""
+        assert self._writer is not None
+        if self._writer.transport.get_write_buffer_size() > REPLY_BUFFER_CAP:
+            raise P.ProtocolViolation("the guest does not read the replies it asks for")
+        self._writer.write(frame)
 
     # --- calls -------------------------------------------------------------------
     def _new_call(self) -> Call:
@@ -231,8 +360,8 @@ class AgentLink:
             self._pongs.pop(nonce, None)
         return loop.time() - start
 
-    async def request_shutdown(self) -> None:
-        await self.send(P.SHUTDOWN, 0)
+    async def request_shutdown(self, timeout: float | None = None) -> None:
+        await self.send(P.SHUTDOWN, 0, timeout=timeout)
 
     # --- reading -----------------------------------------------------------------
     async def _read_loop(self, reader: asyncio.StreamReader, hello: asyncio.Future[None]) -> None:
@@ -263,14 +392,30 @@ class AgentLink:
                 for mtype, chan, payload in frames.feed(data):
                     self._dispatch(mtype, chan, payload, hello)
         except P.ProtocolViolation as e:
-            self.violations += 1
-            log.warning("qube %s: protocol violation from the guest agent: %s; closing the link",
-                        self.qube, e)
-            self.close(f"protocol violation: {e}")
+            self._violation(str(e))
         except (OSError, asyncio.IncompleteReadError) as e:
             self.close(f"read error: {e}")
         except asyncio.CancelledError:
             pass
+
+    def _violation(self, what: str) -> None:
+        """Close the link for a protocol violation and hold off reconnecting for a while."""
+        loop = asyncio.get_running_loop()
+        self.violations += 1
+        if self.state == LinkState.READY and loop.time() - self._ready_at > CLEAN_SECONDS:
+            self._streak = 0
+        self._streak += 1
+        pause = min(BACKOFF_MAX, 2.0 ** (self._streak - 1))
+        self._retry_at = loop.time() + pause
+        qube_log(log, self.qube, logging.WARNING,
+                 "qube %s: protocol violation from the guest agent: %s; closing the link "
+                 "(reconnecting after %.0f s)", self.qube, what, pause)
+        self.close(f"protocol violation: {what}")
+
+    def _spend_control(self, what: str) -> None:
+        if not self._control.take():
+            raise P.ProtocolViolation(f"{what} repeated too often (at most {CONTROL_BURST}, "
+                                      f"then one per {CONTROL_REFILL_SECONDS:.0f} s)")
 
     def _dispatch(self, mtype: int, chan: int, untrusted_payload: bytes,
                   hello: asyncio.Future[None]) -> None:
@@ -280,28 +425,31 @@ class AgentLink:
             version = P.parse_u32(untrusted_payload)
             if version != P.VERSION:
                 raise P.ProtocolViolation(f"agent speaks version {version}, dom0 speaks {P.VERSION}")
-            assert self._writer is not None
-            self._writer.write(P.pack(P.HELLO, 0, P.u32(P.VERSION)))
+            self._reply(P.pack(P.HELLO, 0, P.u32(P.VERSION)))
             hello.set_result(None)
             return
         if mtype == P.HELLO:
             # The agent restarted (init respawns it): the calls it had are gone.
+            # Restarts are rare; a loop of them is a flood, and costs the qube its link.
+            self._spend_control("HELLO")
             version = P.parse_u32(untrusted_payload)
             if version != P.VERSION:
                 raise P.ProtocolViolation(f"restarted agent speaks version {version}, "
                                           f"dom0 speaks {P.VERSION}")
-            log.info("qube %s: the guest agent restarted; %d call(s) in progress lost",
+            qube_log(log, self.qube, logging.INFO,
+                     "qube %s: the guest agent restarted; %d call(s) in progress lost",
                      self.qube, len(self.calls))
             for call in self.calls.values():
                 call._fail(f"qube {self.qube!r}: the guest agent restarted")
             self.calls.clear()
-            assert self._writer is not None
-            self._writer.write(P.pack(P.HELLO, 0, P.u32(P.VERSION)))
+            self._reply(P.pack(P.HELLO, 0, P.u32(P.VERSION)))
             return
         if mtype == P.PONG:
             fut = self._pongs.get(untrusted_payload)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+            else:  # late (its ping timed out) or never asked for
+                self._spend_control("unsolicited PONG")
             return
         call = self.calls.get(chan)
         if call is None:
@@ -315,9 +463,12 @@ class AgentLink:
             call.recv_granted -= len(untrusted_payload)
             if call.recv_granted < 0:
                 raise P.ProtocolViolation(f"channel {chan} sent more output than its credit")
-            call.events.put_nowait(("stdout" if mtype == P.STDOUT else "stderr", untrusted_payload))
+            call._output(mtype, untrusted_payload)
         elif mtype == P.CREDIT:
-            call.send_credit += P.parse_u32(untrusted_payload)
+            credit = P.parse_u32(untrusted_payload)
+            if credit == 0:
+                raise P.ProtocolViolation(f"an empty CREDIT on channel {chan}")
+            call.send_credit += credit
             if call.send_credit > P.WINDOW:
                 raise P.ProtocolViolation(f"channel {chan} credited more than was sent")
             call.credit_event.set()
@@ -329,7 +480,7 @@ class AgentLink:
             call.error_seen = True
             message = untrusted_payload.decode("utf-8", "replace")
             # Shown to the user as text: strip control characters a qube could use on a terminal.
-            call.events.put_nowait(("error", "".join(c if c.isprintable() else "?" for c in message)))
+            call._event(("error", "".join(c if c.isprintable() else "?" for c in message)))
         elif mtype == P.EXIT:
             code = P.parse_i32(untrusted_payload)
             if not 0 <= code <= 255:
@@ -338,4 +489,4 @@ class AgentLink:
             call.exit_code = code
             call.credit_event.set()
             del self.calls[chan]
-            call.events.put_nowait(("exit", code))
+            call._event(("exit", code))

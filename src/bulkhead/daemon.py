@@ -112,6 +112,7 @@ def _run(paths: Paths, lifecycle_factory: LifecycleFactory | None, netns: bool,
 
         found = enter_dom0_netns(paths.netns_name)
     _setup_logging(paths, log_to_file)
+    _raise_open_files()
     if found is not None:
         log.info("in network namespace %s, interfaces: %s", paths.netns_name, " ".join(found))
     if ready_fd is not None:
@@ -126,17 +127,42 @@ def _run(paths: Paths, lifecycle_factory: LifecycleFactory | None, netns: bool,
                 pass
 
 
+#: the daemon's log rotates at this size, keeping LOG_BACKUPS earlier files: whatever
+#: qubes do (their lines are rate-limited too: bulkhead.ratelimit), dom0's disk is safe
+LOG_MAX_BYTES = 16 * 1024 * 1024
+LOG_BACKUPS = 3
+#: open files the daemon may hold: Admin API connections, QMP, agent and console sockets
+OPEN_FILES = 8192
+
+
 def _setup_logging(paths: Paths, to_file: bool) -> None:
     handler: logging.Handler
     if to_file:
+        from logging.handlers import RotatingFileHandler
+
         paths.log_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(paths.log_dir / "daemon.log")
+        handler = RotatingFileHandler(paths.log_dir / "daemon.log", maxBytes=LOG_MAX_BYTES,
+                                      backupCount=LOG_BACKUPS)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+
+
+def _raise_open_files() -> None:
+    """The default soft limit (1024) is below what max_connections plus every
+    qube's sockets can need; raise it towards the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit to %d: %s", want, e)
 
 
 def _detach_stdio() -> None:

@@ -28,6 +28,7 @@ from .config import Paths
 from .errors import (BackendError, QubesException, QubesVMError, QubesVMNotHaltedError,
                      QubesVMNotPausedError, QubesVMNotRunningError, QubesVMNotStartedError,
                      QubesVMShutdownTimeoutError, StoragePoolException)
+from .ratelimit import qube_log
 from .storage.pool import Pool, Volume, VolumeConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -284,6 +285,12 @@ class QemuLifecycle:
     # --- stop ------------------------------------------------------------------
     async def shutdown(self, vm: "QubesVM", force: bool = False, wait: bool = False,
                        timeout: float | None = None) -> None:
+        """Ask the qube to power off; kill it if it has not within ``timeout`` seconds.
+
+        The clock starts now, whatever the guest does: asking its agent happens
+        in the background, bounded by the same deadline, so a qube that stops
+        reading its port cannot hold the caller, nor stay Halting past it.
+        """
         machine = self.machines.get(vm.name)
         if machine is None or not machine.is_alive():
             raise QubesVMNotStartedError(vm)
@@ -291,29 +298,35 @@ class QemuLifecycle:
             timeout = float(vm.shutdown_timeout)
         if vm.name not in self.halting:
             self.halting.add(vm.name)
-            try:
-                link = self.links.get(vm.name)
-                if link is None:
-                    raise AgentLinkError("no agent link")
-                await link.ensure_ready(min(timeout, 5.0))
-                await link.request_shutdown()
-            except (AgentLinkError, OSError) as e:
-                log.info("qube %s: agent unreachable (%s); pressing the power button", vm.name, e)
-                try:
-                    await machine.power_button()
-                except BackendError:
-                    pass
-            asyncio.ensure_future(self._enforce_timeout(vm, machine, timeout))
+            asyncio.ensure_future(self._shut_down(vm, machine, timeout))
         if wait:
+            # The kill comes at ``timeout``; its exit is noticed at once.
             try:
                 await asyncio.wait_for(machine.wait_exit(), timeout + 5)
             except asyncio.TimeoutError:
                 raise QubesVMShutdownTimeoutError(vm) from None
             await self._wait_stopped(vm)
 
-    async def _enforce_timeout(self, vm: "QubesVM", machine: Machine, timeout: float) -> None:
+    async def _shut_down(self, vm: "QubesVM", machine: Machine, timeout: float) -> None:
+        """Ask the agent (else press the power button), then enforce the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            await asyncio.wait_for(machine.wait_exit(), timeout)
+            link = self.links.get(vm.name)
+            if link is None:
+                raise AgentLinkError("no agent link")
+            ask = min(timeout, 5.0)
+            await asyncio.wait_for(link.ensure_ready(ask), ask)
+            await link.request_shutdown(timeout=max(0.1, min(ask, deadline - loop.time())))
+        except (AgentLinkError, OSError, asyncio.TimeoutError) as e:
+            qube_log(log, vm.name, logging.INFO,
+                     "qube %s: agent unreachable (%s); pressing the power button", vm.name, e)
+            try:
+                await machine.power_button()
+            except BackendError:
+                pass
+        try:
+            await asyncio.wait_for(machine.wait_exit(), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             log.warning("qube %s did not shut down within %.0f s; killing it", vm.name, timeout)
             await machine.kill()

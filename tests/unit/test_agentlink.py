@@ -222,7 +222,7 @@ def test_guest_may_fill_exactly_the_window_then_more_once_credited(sock_dir):
         for _ in range(WINDOW // P.MAX_PAYLOAD):
             await end.send(P.STDOUT, call.chan, chunk)
         # The whole window in flight, nothing consumed: still within the rules.
-        await wait_until(lambda: call.events.qsize() == WINDOW // P.MAX_PAYLOAD)
+        await wait_until(lambda: call.buffered == WINDOW)
         assert link.violations == 0
         assert await call.next_event() == ("stdout", chunk)
         assert await end.recv() == (P.CREDIT, call.chan, P.u32(len(chunk)))

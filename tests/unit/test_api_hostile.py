@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import time
@@ -118,3 +119,69 @@ def test_slow_event_reader_is_disconnected(tmp_path: Path, monkeypatch: Any) -> 
         assert srv.app._observers == []  # dropped, instead of queueing without bound
         s.close()
         assert srv.call("work", "admin.vm.feature.Get", "f39") == b"0\0" + value
+
+
+def _hanging_registry(release: asyncio.Event) -> Any:
+    """The real methods plus one that waits on its qube until ``release`` (a stalled call)."""
+    from bulkhead.api import load_methods
+    from bulkhead.api.registry import REGISTRY, Registry
+
+    load_methods()
+    registry = Registry()
+    registry._methods.update(REGISTRY._methods)
+
+    @registry.method("test.Hang", dest="vm")
+    async def hang(call: Any) -> None:
+        await release.wait()
+
+    return registry
+
+
+def _open(sock_path: Path, request: bytes) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(sock_path))
+    s.sendall(request)
+    s.shutdown(socket.SHUT_WR)
+    return s
+
+
+def test_a_qube_whose_calls_stall_exhausts_only_its_own_budget(tmp_path: Path) -> None:
+    release = asyncio.Event()
+    with ServerThread(tmp_path, setup=standard_system, registry=_hanging_registry(release),
+                      limits=Limits(per_qube=4)) as srv:
+        stalled = [_open(srv.socket, b"test.Hang+ dom0 name work\0") for _ in range(4)]
+        time.sleep(0.2)
+        reply = raw_call(srv.socket, b"test.Hang+ dom0 name work\0")
+        exc_type, message = error(reply)
+        assert exc_type == "QubesException" and "qube 'work' is over its budget of 4" in message
+        # Every other qube, and dom0's own calls, are served as ever.
+        assert srv.call("dom0", "admin.vm.List").startswith(b"0\0")
+        assert srv.call("vault", "admin.vm.property.Get", "label").startswith(b"0\0")
+        srv.loop.call_soon_threadsafe(release.set)   # the qube's calls end (at their deadline)
+        for s in stalled:
+            assert s.recv(100).startswith(b"0\0")
+            s.close()
+        deadline = time.monotonic() + 5
+        while srv.server._per_qube and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not srv.server._per_qube    # the budget is back once its calls end
+        assert srv.call("work", "admin.vm.property.Get", "label").startswith(b"0\0")
+
+
+def test_one_client_cannot_take_every_connection(tmp_path: Path) -> None:
+    with ServerThread(tmp_path, limits=Limits(per_client=4)) as srv:
+        idle = []
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(srv.socket))
+            idle.append(s)
+        time.sleep(0.2)
+        exc_type, message = error(raw_call(srv.socket, b"admin.vm.List+ dom0 name dom0\0"))
+        assert exc_type == "QubesException"
+        assert message.startswith("Too many connections to the Admin API from this client (pid ")
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 5
+        while srv.server._per_client and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.call("dom0", "admin.vm.List").startswith(b"0\0dom0 class=AdminVM")

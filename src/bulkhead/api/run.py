@@ -15,6 +15,11 @@ A refusal before the command starts (unknown or halted qube, malformed first
 frame) is an ordinary ``2\\0`` error reply instead.  Flow control towards the
 client is the socket's own: the relay waits for each write to drain before it
 takes more output from the qube, and the qube's credit waits with it.
+
+Every wait here ends when the client goes away, whatever the qube does: a
+client's hang-up is noticed even while its input waits for the qube's
+credit; the call is then abandoned (its output dropped, no more credit) and
+the command hung up.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import select
 import signal
 
+from ..agentlink import AgentLinkError
 from ..agentlink import Call as AgentCall
 from ..errors import ProtocolError, QubesVMNotRunningError
 from ..guest import protocol as P
@@ -33,6 +40,8 @@ log = logging.getLogger(__name__)
 
 CHANNEL = 1
 FIRST_FRAME_TIMEOUT = 30.0
+HANGUP_POLL = 0.5     # seconds between checks that the client is still there
+HANGUP_GRACE = 5.0    # seconds a hung-up command has to end before SIGKILL
 CLIENT_TYPES = frozenset({P.EXEC, P.SERVICE, P.STDIN, P.SIGNAL, P.CREDIT})
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
@@ -97,12 +106,15 @@ async def _relay(qube: str, agent_call: AgentCall, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
     # The client's side ends only when it hangs up (end of input is an empty
     # STDIN frame), so ``inbound`` finishing means nobody is listening any more.
+    # ``inbound`` may be stuck waiting for the qube's credit, and then reads
+    # nothing from the client; ``hangup`` notices the client going away anyway.
     inbound = asyncio.create_task(_client_to_qube(agent_call, reader))
+    hangup = asyncio.create_task(_wait_hangup(writer))
     finished = False
     try:
         while True:
             event = asyncio.ensure_future(agent_call.next_event())
-            await asyncio.wait({event, inbound}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({event, inbound, hangup}, return_when=asyncio.FIRST_COMPLETED)
             if not event.done():
                 event.cancel()
                 log.info("qube %s: the qvm-run client hung up; hanging up the command", qube)
@@ -119,21 +131,26 @@ async def _relay(qube: str, agent_call: AgentCall, reader: asyncio.StreamReader,
                 writer.write(P.pack(P.STDOUT, CHANNEL, b"") + P.pack(P.STDERR, CHANNEL, b"")
                              + P.pack(P.EXIT, CHANNEL, P.i32(value)))
                 finished = True
-            await writer.drain()
+            # A client that stops reading stops the qube's output here (and the
+            # qube's credit with it); one that goes away ends the wait.
+            drain = asyncio.ensure_future(writer.drain())
+            await asyncio.wait({drain, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():
+                drain.cancel()
+                log.info("qube %s: the qvm-run client went away; hanging up the command", qube)
+                return
+            drain.result()
             if finished:
                 return
     except (ConnectionError, OSError):
         log.info("qube %s: the qvm-run client went away; hanging up the command", qube)
     finally:
         inbound.cancel()
+        hangup.cancel()
         if not finished and not agent_call.done:
-            # The client hung up: tell the command, as a closed terminal would.
-            try:
-                await agent_call.signal(signal.SIGHUP)
-                await agent_call.close_stdin()
-            except Exception:  # noqa: BLE001 -- the qube may be gone too
-                pass
-            asyncio.ensure_future(_drain(agent_call))
+            # Nobody reads this call any more: it must cost dom0 nothing from now on.
+            agent_call.abandon()
+            asyncio.ensure_future(_hang_up(agent_call))
 
 
 async def _client_to_qube(agent_call: AgentCall, reader: asyncio.StreamReader) -> None:
@@ -158,16 +175,39 @@ async def _client_to_qube(agent_call: AgentCall, reader: asyncio.StreamReader) -
     except (ProtocolError, P.ProtocolViolation) as e:
         log.warning("bulkhead.vm.Run: bad frame from the client: %s", e)
         await agent_call.signal(signal.SIGHUP)
-    except (ConnectionError, OSError, asyncio.CancelledError):
+    except (ConnectionError, OSError, asyncio.CancelledError, AgentLinkError):
         pass
 
 
-async def _drain(agent_call: AgentCall) -> None:
-    """Consume what is left of an abandoned call so its channel closes."""
+async def _wait_hangup(writer: asyncio.StreamWriter) -> None:
+    """Return once the client has closed its socket, even if nobody reads from it.
+
+    asyncio learns of a peer's close only by reading, and the relay stops
+    reading from a client whose input the qube does not take.  A unix
+    socket whose peer closed polls as POLLHUP (a half-close does not), so a
+    cheap poll every :data:`HANGUP_POLL` seconds tells.
+    """
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        await asyncio.Event().wait()  # not a socket (tests): never
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)  # POLLHUP and POLLERR are always reported
+    while not poller.poll(0):
+        await asyncio.sleep(HANGUP_POLL)
+
+
+async def _hang_up(agent_call: AgentCall) -> None:
+    """Tell an abandoned command its client went away, as a closed terminal would
+    (SIGHUP, end of input); if it has not ended after :data:`HANGUP_GRACE`
+    seconds, SIGKILL.  A guest that ignores even that keeps the channel, which
+    counts against that qube's own limit of calls (and costs dom0 nothing)."""
     try:
-        while True:
-            kind, _ = await asyncio.wait_for(agent_call.next_event(), 3600)
-            if kind == "exit":
-                return
-    except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+        await agent_call.signal(signal.SIGHUP)
+        await agent_call.close_stdin()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HANGUP_GRACE
+        while not agent_call.done and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        await agent_call.signal(signal.SIGKILL)
+    except Exception:  # noqa: BLE001 -- the qube or its link may be gone too
         pass

@@ -7,8 +7,11 @@ Every client is treated as hostile until its request has been checked:
 - the payload is read to the client's EOF, up to the method's
   ``max_payload`` (64 KiB unless a method says otherwise);
 - header and payload must arrive within ``read_timeout`` seconds;
-- at most ``max_connections`` connections are served at once; the next ones
-  get an error reply at once;
+- at most ``max_connections`` connections are served at once, at most
+  ``per_client`` of them from one client process, and at most ``per_qube``
+  calls on one target qube: a qube that stalls its calls (a guest that never
+  takes their input, say) exhausts only its own budget, never the API; the
+  next ones get an error reply at once, naming what is over its budget;
 - every refused request gets an error reply with Qubes' exception class
   (ProtocolError, QubesValueError, QubesVMNotFoundError...) and a log line;
   an unexpected exception is logged with its traceback and answered with a
@@ -18,13 +21,16 @@ Every client is treated as hostile until its request has been checked:
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import (PermissionDenied, ProtocolError, QubesException, QubesVMNotFoundError)
 from ..vm import validate_name
@@ -44,7 +50,9 @@ CLOSE_TIMEOUT = 10.0
 class Limits:
     max_header: int = protocol.MAX_HEADER
     read_timeout: float = 30.0
-    max_connections: int = 256
+    max_connections: int = 512
+    per_client: int = 128
+    per_qube: int = 32
 
 
 class AdminServer:
@@ -59,6 +67,8 @@ class AdminServer:
         self.socket_mode = socket_mode
         self._server: asyncio.AbstractServer | None = None
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._per_client: collections.Counter[int] = collections.Counter()
+        self._per_qube: collections.Counter[str] = collections.Counter()
 
     # --- the socket -----------------------------------------------------------------
     async def start(self) -> None:
@@ -108,22 +118,32 @@ class AdminServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        client = _peer_pid(writer)
+        refusal = None
         if len(self._connections) >= self.limits.max_connections:
-            log.warning("refusing a connection: %d connections already", len(self._connections))
-            await self._reply(writer, protocol.encode_error(
-                QubesException("Too many connections to the Admin API; try again later")))
+            refusal = "Too many connections to the Admin API; try again later"
+        elif self._per_client[client] >= self.limits.per_client:
+            refusal = (f"Too many connections to the Admin API from this client (pid {client}): "
+                       f"at most {self.limits.per_client} at once")
+        if refusal:
+            log.warning("refusing a connection: %s (%d connections)", refusal,
+                        len(self._connections))
+            await self._reply(writer, protocol.encode_error(QubesException(refusal)))
             await self._close(writer)
             return
         self._connections[task] = writer
+        self._per_client[client] += 1
         try:
             await self._serve(reader, writer)
         finally:
             self._connections.pop(task, None)
+            self._per_client[client] -= 1
+            if not self._per_client[client]:
+                del self._per_client[client]
             await self._close(writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         header: protocol.Header | None = None
-        payload_len = 0
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.limits.read_timeout
@@ -133,25 +153,14 @@ class AdminServer:
             if spec is None:
                 raise ProtocolError(f"no such method: {header.method!r}")
             call = self._make_call(header, spec)
-            if spec.streaming:
-                await spec.handler(call, reader, writer)
-                return
-            untrusted_payload = await _within(self._read_payload(reader, spec.max_payload),
-                                              deadline - loop.time())
-            payload_len = len(untrusted_payload)
-            if spec.payload is True and not untrusted_payload:
-                raise ProtocolError("expected payload")
-            if spec.payload is False and untrusted_payload:
-                raise ProtocolError("unexpected payload")
-            call.untrusted_payload = untrusted_payload
-            result = await spec.handler(call)
-            await self._reply(writer, protocol.encode_reply(result))
+            with self._qube_budget(call):
+                await self._dispatch(call, spec, reader, writer, deadline)
         except (ProtocolError, PermissionDenied, QubesException) as exc:
             # A malformed request is worth a warning; Qubes' ordinary answers
             # ("no such feature", "not running"...) are part of normal use.
             level = logging.INFO if isinstance(exc, QubesException) else logging.WARNING
-            log.log(level, "refused %s, payload %d bytes: %s: %s",
-                    header.describe() if header else "<no valid header>", payload_len,
+            log.log(level, "refused %s: %s: %s",
+                    header.describe() if header else "<no valid header>",
                     type(exc).__name__, exc)
             await self._reply(writer, protocol.encode_error(exc))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -164,6 +173,41 @@ class AdminServer:
                           header.describe() if header else "a request")
             await self._reply(writer, protocol.encode_error(QubesException(
                 "Internal error of the Bulkhead daemon; see its log")))
+
+    async def _dispatch(self, call: Call, spec: MethodSpec, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter, deadline: float) -> None:
+        if spec.streaming:
+            await spec.handler(call, reader, writer)
+            return
+        untrusted_payload = await _within(self._read_payload(reader, spec.max_payload),
+                                          deadline - asyncio.get_running_loop().time())
+        if spec.payload is True and not untrusted_payload:
+            raise ProtocolError("expected payload")
+        if spec.payload is False and untrusted_payload:
+            raise ProtocolError("unexpected payload")
+        call.untrusted_payload = untrusted_payload
+        result = await spec.handler(call)
+        await self._reply(writer, protocol.encode_reply(result))
+
+    @contextlib.contextmanager
+    def _qube_budget(self, call: Call) -> Iterator[None]:
+        """Count the call against its target qube's budget of calls in progress."""
+        if call.dest is None or call.dest.qid == 0:
+            yield
+            return
+        name = call.dest.name
+        if self._per_qube[name] >= self.limits.per_qube:
+            raise QubesException(
+                f"qube {name!r} is over its budget of {self.limits.per_qube} Admin API calls "
+                f"in progress (its calls are not ending; is the qube stalling them?); "
+                f"try again once some end")
+        self._per_qube[name] += 1
+        try:
+            yield
+        finally:
+            self._per_qube[name] -= 1
+            if not self._per_qube[name]:
+                del self._per_qube[name]
 
     async def _read_header(self, reader: asyncio.StreamReader) -> bytes:
         try:
@@ -243,6 +287,16 @@ class AdminServer:
             writer.transport.abort()
         except (OSError, RuntimeError):
             pass
+
+
+def _peer_pid(writer: asyncio.StreamWriter) -> int:
+    """The client's process id (SO_PEERCRED), for its budget of connections; 0 if unknown."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[0])
+    except (AttributeError, OSError):
+        return 0
 
 
 async def _within(read: Any, seconds: float) -> Any:
