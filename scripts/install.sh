@@ -3,7 +3,8 @@
 # Idempotent: run it again and it only checks (seconds).
 source "$(dirname "$0")/bootstrap.sh"
 # The tools on root's PATH, as Qubes has them in dom0.
-for tool in "$BULKHEAD_VENV"/bin/bulkhead "$BULKHEAD_VENV"/bin/qvm-* "$BULKHEAD_VENV"/bin/qubes-prefs; do
+for tool in "$BULKHEAD_VENV"/bin/bulkhead "$BULKHEAD_VENV"/bin/qvm-* "$BULKHEAD_VENV"/bin/qubes-prefs \
+            "$BULKHEAD_VENV"/bin/qrexec-*; do
     ln -sf "$tool" "/usr/local/bin/$(basename "$tool")"
 done
 exec bulkhead setup "$@"

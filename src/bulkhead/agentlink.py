@@ -37,7 +37,7 @@ import asyncio
 import collections
 import enum
 import logging
-from typing import Union
+from typing import Awaitable, Callable, Union
 
 from .errors import QubesException
 from .guest import protocol as P
@@ -69,29 +69,51 @@ BACKOFF_MAX = 30.0
 CLEAN_SECONDS = 60.0
 #: bytes of replies dom0 may owe a guest that is not reading them
 REPLY_BUFFER_CAP = 64 * 1024
+#: qrexec calls a qube may make: this many at once, then one per CALL_REFILL_SECONDS;
+#: past that a call is refused (each costs a policy decision, maybe a qube's start)
+CALL_BURST = 32
+CALL_REFILL_SECONDS = 0.1
+#: the exit code of a qrexec call that was refused (Qubes' qrexec-client-vm says 126)
+REFUSED = 126
+#: calls the guest opened and dom0 ended, remembered so that the frames the guest
+#: sent before it learnt of the end are still checked against their credit
+RETIRED_CALLS = 256
+
+#: what handles a qrexec call a qube makes: (the call, untrusted target, untrusted service)
+CallHandler = Callable[["Call", str, str], Awaitable[None]]
 
 # What a call yields: ("stdout"|"stderr", bytes), ("error", str), ("exit", int)
 CallEvent = tuple[str, Union[bytes, str, int]]
 
 
-class Call:
-    """One command or service running in the qube, on one channel of the link.
+# What a call's guest sends, by who opened the call: dom0 (a command or service
+# dom0 runs in the qube) or the guest (a qrexec call the qube makes).
+_FROM_GUEST = {False: (P.STDOUT, P.STDERR), True: (P.STDIN,)}
+_KIND = {P.STDOUT: "stdout", P.STDERR: "stderr", P.STDIN: "stdin"}
 
-    Output is kept as one byte buffer per stream (bounded by the credit dom0
-    granted, :data:`~bulkhead.guest.protocol.WINDOW`); ERROR and EXIT wait
-    in a short queue behind it, so the exit code comes after the last output.
+
+class Call:
+    """One call on one channel of the link: a command or service dom0 runs in the
+    qube, or (``inbound``) a qrexec call the qube makes to another qube.
+
+    What the guest sends (output; for an inbound call, its input) is kept as
+    one byte buffer per stream (bounded by the credit dom0 granted,
+    :data:`~bulkhead.guest.protocol.WINDOW`); ERROR and EXIT (and, inbound,
+    the end of the guest's input) wait in a short queue behind it, so the
+    exit code comes after the last output.
     """
 
-    def __init__(self, link: "AgentLink", chan: int) -> None:
+    def __init__(self, link: "AgentLink", chan: int, inbound: bool = False) -> None:
         self.link = link
         self.chan = chan
-        self._out = {P.STDOUT: bytearray(), P.STDERR: bytearray()}
-        self._tail: collections.deque[CallEvent] = collections.deque()  # error, exit
+        self.inbound = inbound
+        self._out = {mtype: bytearray() for mtype in _FROM_GUEST[inbound]}
+        self._tail: collections.deque[CallEvent] = collections.deque()  # error, exit, eof
         self._wake = asyncio.Event()
-        self.send_credit = P.WINDOW           # stdin bytes we may still send
-        self.recv_granted = P.WINDOW          # output bytes the guest may still send
+        self.send_credit = P.WINDOW           # bytes we may still send the guest on this call
+        self.recv_granted = P.WINDOW          # bytes the guest may still send us on this call
         self.credit_event = asyncio.Event()
-        self.open_streams = {P.STDOUT, P.STDERR}
+        self.open_streams = set(_FROM_GUEST[inbound])
         self.done = False
         self.abandoned = False
         self.error_seen = False
@@ -99,11 +121,12 @@ class Call:
 
     @property
     def buffered(self) -> int:
-        """Bytes of output held for this call (what it costs dom0's memory)."""
-        return len(self._out[P.STDOUT]) + len(self._out[P.STDERR])
+        """Bytes held for this call (what it costs dom0's memory)."""
+        return sum(len(buf) for buf in self._out.values())
 
-    async def write(self, data: bytes) -> None:
-        """Send stdin data, waiting for credit so that the guest never buffers without bound.
+    async def write(self, data: bytes, mtype: int = P.STDIN) -> None:
+        """Send data (stdin; for an inbound call, STDOUT or STDERR), waiting for
+        credit so that the guest never buffers without bound.
 
         The wait has no deadline of its own (a command may read its input late):
         whoever calls this must cancel it when its client goes away.
@@ -117,7 +140,7 @@ class Call:
                 await self.credit_event.wait()
             n = min(len(view), self.send_credit, P.MAX_PAYLOAD)
             self.send_credit -= n
-            await self.link.send(P.STDIN, self.chan, bytes(view[:n]))
+            await self.link.send(mtype, self.chan, bytes(view[:n]))
             view = view[n:]
 
     async def close_stdin(self) -> None:
@@ -128,14 +151,29 @@ class Call:
         if not self.done:
             await self.link.send(P.SIGNAL, self.chan, P.u32(signum))
 
+    async def finish(self, code: int, error: str | None = None) -> None:
+        """End an inbound call: its output streams end, then ERROR (if any) and EXIT."""
+        assert self.inbound
+        if self.done:
+            return
+        self.done = True
+        self.link._retire(self)
+        try:
+            if error:
+                await self.link.send(P.ERROR, self.chan, error.encode()[:P.PAYLOAD_LIMIT[P.ERROR]])
+            await self.link.send(P.STDOUT, self.chan, b"")
+            await self.link.send(P.STDERR, self.chan, b"")
+            await self.link.send(P.EXIT, self.chan, P.i32(code))
+        except AgentLinkError:
+            pass  # the caller's link is gone: nobody to tell
+
     async def next_event(self) -> CallEvent:
         """The next output (up to one frame's worth), error or exit.
 
         Consuming output grants the guest as much credit again.
         """
         while True:
-            for mtype, kind in ((P.STDOUT, "stdout"), (P.STDERR, "stderr")):
-                buf = self._out[mtype]
+            for mtype, buf in self._out.items():
                 if buf:
                     chunk = bytes(buf[:P.MAX_PAYLOAD])
                     del buf[:len(chunk)]
@@ -145,7 +183,7 @@ class Call:
                             await self.link.send(P.CREDIT, self.chan, P.u32(len(chunk)))
                         except AgentLinkError:
                             pass  # the link closed: _fail queued the error and exit
-                    return kind, chunk
+                    return _KIND[mtype], chunk
             if self._tail:
                 return self._tail.popleft()
             self._wake.clear()
@@ -182,9 +220,13 @@ class Call:
 class AgentLink:
     """The link to one qube's agent over its virtio-serial port's unix socket."""
 
-    def __init__(self, qube: str, socket_path: str) -> None:
+    def __init__(self, qube: str, socket_path: str, on_call: CallHandler | None = None) -> None:
         self.qube = qube
         self.socket_path = socket_path
+        self.on_call = on_call
+        self._call_budget = TokenBucket(CALL_BURST, CALL_REFILL_SECONDS)
+        self._handlers: set[asyncio.Future[None]] = set()
+        self._retired: collections.OrderedDict[int, Call] = collections.OrderedDict()
         self.state = LinkState.DISCONNECTED
         self.calls: dict[int, Call] = {}
         self._next_chan = 1
@@ -268,6 +310,7 @@ class AgentLink:
         for call in self.calls.values():
             call._fail(f"qube {self.qube!r}: link to the guest agent closed: {reason}")
         self.calls.clear()
+        self._retired.clear()
         for fut in self._pongs.values():
             if not fut.done():
                 fut.set_exception(AgentLinkError(f"qube {self.qube!r}: {reason}"))
@@ -417,6 +460,54 @@ class AgentLink:
             raise P.ProtocolViolation(f"{what} repeated too often (at most {CONTROL_BURST}, "
                                       f"then one per {CONTROL_REFILL_SECONDS:.0f} s)")
 
+    def _inbound_call(self, chan: int, untrusted_payload: bytes) -> None:
+        """The qube asks for a qrexec call (CALL on a channel of its own)."""
+        if chan in self.calls:
+            raise P.ProtocolViolation(f"CALL on channel {chan}, which is open already")
+        self._retired.pop(chan, None)
+        untrusted_target, untrusted_service = P.split_call(untrusted_payload)
+        call = Call(self, chan, inbound=True)
+        refusal = None
+        if self.on_call is None:
+            refusal = "qrexec calls from this qube are not served"
+        elif len(self.calls) >= P.MAX_CHANNELS:
+            refusal = "too many calls in progress"
+        elif not self._call_budget.take():
+            refusal = (f"too many qrexec calls (at most {CALL_BURST} at once, then one per "
+                       f"{CALL_REFILL_SECONDS:g} s)")
+        if refusal is not None:
+            qube_log(log, self.qube, logging.WARNING, "qube %s: qrexec call to %s refused: %s",
+                     self.qube, untrusted_target, refusal)
+            self._reply(P.pack(P.ERROR, chan, refusal.encode()) + P.pack(P.EXIT, chan, P.i32(REFUSED)))
+            call.done = True
+            self._retire(call)
+            return
+        assert self.on_call is not None
+        self.calls[chan] = call
+        task = asyncio.ensure_future(self._handle_call(call, untrusted_target, untrusted_service))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    def _retire(self, call: Call) -> None:
+        """An inbound call dom0 ended: out of the table, into the short memory of
+        retired calls (the guest may have sent input before it learnt of the end)."""
+        self.calls.pop(call.chan, None)
+        call.abandon()
+        self._retired[call.chan] = call
+        while len(self._retired) > RETIRED_CALLS:
+            self._retired.popitem(last=False)
+
+    async def _handle_call(self, call: Call, untrusted_target: str, untrusted_service: str) -> None:
+        assert self.on_call is not None
+        try:
+            await self.on_call(call, untrusted_target, untrusted_service)
+        except Exception as e:  # noqa: BLE001 -- one call's failure must not reach the link
+            log.exception("qube %s: qrexec call to %s failed", self.qube, untrusted_target)
+            await call.finish(REFUSED, f"the call failed in dom0: {type(e).__name__}")
+        finally:
+            if not call.done:
+                await call.finish(REFUSED, "the call ended without an exit code")
+
     def _dispatch(self, mtype: int, chan: int, untrusted_payload: bytes,
                   hello: asyncio.Future[None]) -> None:
         if not hello.done():
@@ -451,14 +542,19 @@ class AgentLink:
             else:  # late (its ping timed out) or never asked for
                 self._spend_control("unsolicited PONG")
             return
-        call = self.calls.get(chan)
+        if mtype == P.CALL:
+            self._inbound_call(chan, untrusted_payload)
+            return
+        call = self.calls.get(chan) or self._retired.get(chan)
         if call is None:
             raise P.ProtocolViolation(f"{P.NAMES[mtype]} for channel {chan}, which is not open")
-        if mtype in (P.STDOUT, P.STDERR):
+        if mtype in (P.STDOUT, P.STDERR, P.STDIN):
             if mtype not in call.open_streams:
                 raise P.ProtocolViolation(f"{P.NAMES[mtype]} on channel {chan} after its end")
             if not untrusted_payload:
                 call.open_streams.discard(mtype)
+                if call.inbound:
+                    call._event(("eof", _KIND[mtype]))
                 return
             call.recv_granted -= len(untrusted_payload)
             if call.recv_granted < 0:

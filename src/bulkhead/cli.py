@@ -5,6 +5,8 @@
     bulkhead daemon [--detach]                           the admin daemon (Qubes' qubesd)
     bulkhead info                                        acceleration, kernel, template, daemon
     bulkhead template build debian-12                    rebuild the template image and import it
+    bulkhead policy why SERVICE[+ARG] SOURCE TARGET      the qrexec decision and the line that made it
+    bulkhead policy log [-n N]                           the end of the qrexec audit log
 """
 
 from __future__ import annotations
@@ -30,10 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     tsub = s.add_subparsers(dest="template_command", required=True)
     b = tsub.add_parser("build", help="rebuild a template's image and import it as a new root revision")
     b.add_argument("name", choices=["debian-12"])
+    # listed for --help; main() hands "policy ..." to bulkhead.qrexec.policy_cli
+    sub.add_parser("policy", help="the qrexec policy: why, log, lint")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["policy"]:  # its own parser (a REMAINDER argument would not take --help)
+        from .qrexec.policy_cli import main as policy_main
+        return policy_main(argv[1:])
     args = _parser().parse_args(argv)
     paths = Paths.from_env()
     from .errors import QubesException

@@ -189,10 +189,12 @@ async def _serve(paths: Paths, lifecycle_factory: LifecycleFactory | None,
     app.initialize()
     lifecycle = factory(app, paths)
     app.set_lifecycle(lifecycle)
+    app.qrexec = _qrexec_router(app, paths)
     log.info("lifecycle: %s", lifecycle.describe())
     await _prepare(app, lifecycle)
 
     server = AdminServer(app, paths.socket)
+    app.admin_server = server   # qrexec serves the admin.* calls its policy allows to qubes
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -212,6 +214,15 @@ async def _serve(paths: Paths, lifecycle_factory: LifecycleFactory | None,
         if pidfile:
             _remove_pidfile(paths)
     return 0
+
+
+def _qrexec_router(app: "App", paths: Paths) -> Any:
+    """The router of the qrexec calls qubes make, under the policy in ``$BULKHEAD_HOME/policy.d``
+    (the same engine the Admin API's admin.policy.* methods reload)."""
+    from .qrexec.policy import engine_for
+    from .qrexec.router import Router
+
+    return Router(app, engine_for(app))
 
 
 async def _prepare(app: "App", lifecycle: "Lifecycle") -> None:

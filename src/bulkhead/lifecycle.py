@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .agentlink import AgentLink, AgentLinkError
+from .agentlink import REFUSED, AgentLink, AgentLinkError
 from .backend.accel import Accel, detect
 from .backend.base import Backend, DiskSpec, ExitReason, Machine, MachineSpec, PowerState
 from .config import Paths
@@ -131,6 +131,15 @@ class QemuLifecycle:
             if d.config.save_on_stop and not d.config.snap_on_start and name in src.volume_config:
                 await d.clone_from(self.volume(src, name))
 
+    # --- qrexec calls the qubes make ----------------------------------------------
+    async def _on_call(self, call: Any, untrusted_target: str, untrusted_service: str) -> None:
+        """A qube's agent asks for a qrexec call: the app's router decides and joins it."""
+        router = getattr(self.app, "qrexec", None)
+        if router is None:
+            await call.finish(REFUSED, "qrexec calls are not served by this daemon")
+            return
+        await router.route(call, untrusted_target, untrusted_service)
+
     # --- state ---------------------------------------------------------------
     def power_state(self, vm: "QubesVM") -> PowerState:
         name = vm.name
@@ -189,7 +198,7 @@ class QemuLifecycle:
             self._stopped[name] = asyncio.get_running_loop().create_future()
             machine = await self.backend.start(spec, self._on_exit)
             self.machines[name] = machine
-            link = AgentLink(name, str(machine.agent_socket))
+            link = AgentLink(name, str(machine.agent_socket), on_call=self._on_call)
             self.links[name] = link
             try:
                 await link.ensure_ready(float(vm.qrexec_timeout))
@@ -387,7 +396,8 @@ class QemuLifecycle:
         if await machine.is_paused():
             self.paused.add(vm.name)
         # The agent says HELLO again when it sees dom0 reconnect; don't hold the daemon's start.
-        self.links[vm.name] = AgentLink(vm.name, str(machine.agent_socket))
+        self.links[vm.name] = AgentLink(vm.name, str(machine.agent_socket),
+                                        on_call=self._on_call)
         return True
 
 

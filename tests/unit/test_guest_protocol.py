@@ -85,6 +85,8 @@ def test_nonzero_flags_are_refused(flags):
 @pytest.mark.parametrize("mtype", sorted(P.FROM_GUEST))
 def test_each_guest_type_is_held_to_its_own_limit(mtype):
     chan = 0 if mtype in P.CONTROL_ONLY else 1
+    if mtype in (P.CALL, P.STDIN):           # only on a channel the guest opened
+        chan |= P.GUEST_CHANNEL
     limit = P.PAYLOAD_LIMIT[mtype]
     assert P.parse_header(header(mtype, chan, limit), P.FROM_GUEST)[2] == limit
     with pytest.raises(P.ProtocolViolation, match="exceeds its limit"):
@@ -278,3 +280,27 @@ def test_split_service_good():
 def test_split_service_bad(payload):
     with pytest.raises(P.ProtocolViolation):
         P.split_service(payload)
+
+
+@pytest.mark.parametrize("mtype,chan,allowed", [
+    (P.CALL, 1, P.FROM_GUEST),                     # the guest opens calls on its own channels
+    (P.STDIN, 1, P.FROM_GUEST),                    # a guest's input goes on its own channels
+    (P.STDOUT, P.GUEST_CHANNEL | 1, P.FROM_GUEST),  # ...and output on dom0's
+    (P.EXIT, P.GUEST_CHANNEL | 1, P.FROM_GUEST),
+    (P.EXEC, P.GUEST_CHANNEL | 1, P.FROM_DOM0),
+    (P.STDOUT, 1, P.FROM_DOM0),
+    (P.EXIT, 1, P.FROM_DOM0),
+])
+def test_each_side_keeps_to_its_role_on_each_kind_of_channel(mtype, chan, allowed):
+    with pytest.raises(P.ProtocolViolation, match="channel"):
+        P.parse_header(header(mtype, chan, 0), allowed)
+
+
+def test_call_payloads():
+    assert P.split_call(b"work\0qubes.Filecopy") == ("work", "qubes.Filecopy")
+    assert P.split_call(b"@dispvm:default-dvm\0qubes.OpenInVM+x") == (
+        "@dispvm:default-dvm", "qubes.OpenInVM+x")
+    for bad in (b"work", b"\0qubes.Filecopy", b"../x\0s", b"@anyvm\0s", b"w\0../etc",
+                b"w\xff\0s", b"a" * 40 + b"\0s", b"work\0"):
+        with pytest.raises(P.ProtocolViolation):
+            P.split_call(bad)

@@ -21,6 +21,8 @@ METHOD_MODULES = (
     "bulkhead.api.admin_events",
     "bulkhead.api.run",
     "bulkhead.api.volume_import",
+    "bulkhead.api.admin_qrexec",
+    "bulkhead.api.admin_policy",
 )
 #: modules other parts of Bulkhead provide; loaded when they are there
 OPTIONAL_METHOD_MODULES: tuple[str, ...] = ()

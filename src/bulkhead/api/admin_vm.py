@@ -131,3 +131,21 @@ async def vm_unpause(call: Call) -> None:
 async def vm_current_state(call: Call) -> str:
     state = call.dest.current_state()  # type: ignore[attr-defined]
     return " ".join(f"{key}={value}" for key, value in state.items())
+
+
+@method("admin.vm.CreateDisposable", arg=False)
+async def create_disposable(call: Call) -> str:
+    """A new disposable of the destination's disposable template (its
+    ``default_dispvm``; on dom0 the global one, or the destination itself if it
+    is a disposable template); its name.  It is removed once it stops."""
+    from ..disposable import create_disposable as make
+
+    dest = call.dest
+    if getattr(dest, "template_for_dispvms", False):
+        base = dest
+    else:
+        base = getattr(dest, "default_dispvm", None)
+    if base is None:
+        raise QubesValueError(f"{dest.name!r} has no default_dispvm to make a disposable of")
+    vm = await make(call.app, base)
+    return vm.name

@@ -181,13 +181,35 @@ class AdminServer:
             return
         untrusted_payload = await _within(self._read_payload(reader, spec.max_payload),
                                           deadline - asyncio.get_running_loop().time())
-        if spec.payload is True and not untrusted_payload:
-            raise ProtocolError("expected payload")
-        if spec.payload is False and untrusted_payload:
-            raise ProtocolError("unexpected payload")
-        call.untrusted_payload = untrusted_payload
-        result = await spec.handler(call)
+        result = await _run_plain(call, spec, untrusted_payload)
         await self._reply(writer, protocol.encode_reply(result))
+
+    async def call_from_qube(self, source: str, untrusted_method: str, untrusted_arg: str,
+                             untrusted_dest: str, untrusted_payload: bytes) -> bytes:
+        """One request a qube makes through qrexec (``admin.*``, which the qrexec
+        policy allowed); the encoded reply.  ``source`` is from the qube's channel.
+
+        Bulkhead's own ``bulkhead.*`` methods and streams stay dom0's, whatever
+        the policy says."""
+        header = protocol.Header(untrusted_method, untrusted_arg, source, untrusted_dest)
+        try:
+            spec = self.registry.lookup(untrusted_method)
+            if spec is None or not untrusted_method.startswith("admin."):
+                raise PermissionDenied(f"{untrusted_method!r} is not served to qubes")
+            if spec.streaming:
+                raise PermissionDenied(f"{untrusted_method} is not served to qubes (a stream)")
+            if len(untrusted_payload) > spec.max_payload:
+                raise ProtocolError(f"payload longer than {spec.max_payload} bytes")
+            call = self._make_call(header, spec, src=self.app.domains[source])
+            with self._qube_budget(call):
+                return protocol.encode_reply(await _run_plain(call, spec, untrusted_payload))
+        except (ProtocolError, PermissionDenied, QubesException) as exc:
+            log.info("refused %s: %s: %s", header.describe(), type(exc).__name__, exc)
+            return protocol.encode_error(exc)
+        except Exception:  # noqa: BLE001 - the server must survive any request
+            log.exception("unexpected error handling %s", header.describe())
+            return protocol.encode_error(QubesException(
+                "Internal error of the Bulkhead daemon; see its log"))
 
     @contextlib.contextmanager
     def _qube_budget(self, call: Call) -> Iterator[None]:
@@ -234,13 +256,15 @@ class AdminServer:
                 raise ProtocolError(f"payload longer than {limit} bytes")
             chunks.append(chunk)
 
-    def _make_call(self, header: protocol.Header, spec: MethodSpec) -> Call:
+    def _make_call(self, header: protocol.Header, spec: MethodSpec, src: Any = None) -> Call:
         app = self.app
-        # The socket is dom0's (mode 0660): calls from qubes come through qrexec and
-        # its policy, which is not wired to this socket; so only dom0 may call.
-        if header.src != "dom0":
-            raise PermissionDenied(f"calls from {header.src!r} are not allowed on this socket")
-        src = app.domains["dom0"]
+        if src is None:
+            # The socket is dom0's (mode 0660): calls from qubes come through qrexec
+            # and its policy (call_from_qube), never on this socket.
+            if header.src != "dom0":
+                raise PermissionDenied(f"calls from {header.src!r} are not allowed on this "
+                                       f"socket")
+            src = app.domains["dom0"]
         dest = self._decode_dest(header.dest)
         is_dom0 = dest.qid == 0
         if spec.dest == "dom0" and not is_dom0:
@@ -287,6 +311,16 @@ class AdminServer:
             writer.transport.abort()
         except (OSError, RuntimeError):
             pass
+
+
+async def _run_plain(call: Call, spec: MethodSpec, untrusted_payload: bytes) -> Any:
+    """Check a plain method's payload against its rule, then run it."""
+    if spec.payload is True and not untrusted_payload:
+        raise ProtocolError("expected payload")
+    if spec.payload is False and untrusted_payload:
+        raise ProtocolError("unexpected payload")
+    call.untrusted_payload = untrusted_payload
+    return await spec.handler(call)
 
 
 def _peer_pid(writer: asyncio.StreamWriter) -> int:

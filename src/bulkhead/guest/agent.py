@@ -18,6 +18,7 @@ import select
 import sys
 
 from . import protocol as P
+from .caller import SOCKET as CALL_SOCKET, Caller
 
 PORT_NAME = "org.qubes-os.qrexec"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -91,6 +92,7 @@ class Agent:
         self.spares = {}       # user -> prespawned shells waiting for their command
         self.orphans = set()   # calls of a dom0 connection that has gone, still to be reaped
         self.connected = False
+        self.caller = Caller(self)  # the qrexec calls this qube makes (qrexec-client-vm)
 
     # --- the port ---------------------------------------------------------
     def open_port(self):
@@ -123,6 +125,7 @@ class Agent:
             self.close_stdin(call)
             self.orphans.add(call)
         self.calls.clear()
+        self.caller.dom0_gone()
         self.hello()
 
     # --- calls ----------------------------------------------------------------
@@ -327,6 +330,11 @@ class Agent:
             if not self.connected and not os.path.exists(READY_MARK):
                 self.first_hello()
             self.connected = True
+            if self.caller.listener is None:
+                try:
+                    self.caller.listen()
+                except OSError as e:
+                    log("cannot listen for qrexec calls on %s: %s" % (CALL_SOCKET, e))
         elif mtype == P.PING:
             self.send(P.PONG, 0, payload)
         elif mtype == P.SHUTDOWN:
@@ -336,6 +344,8 @@ class Agent:
             self.exec_request(chan, payload)
         elif mtype == P.SERVICE:
             self.service_request(chan, payload)
+        elif chan & P.GUEST_CHANNEL:
+            self.caller.frame(mtype, chan, payload)
         else:
             call = self.calls.get(chan)
             if call is None:
@@ -389,6 +399,7 @@ class Agent:
                     want[fd] = POLLOUT
             elif room and (call.credit > 0 or call.orphaned):
                 want[fd] = POLLIN
+        self.caller.poll_set(want)
         return want
 
     def run(self):
@@ -404,6 +415,8 @@ class Agent:
                     self.port_event(ev)
                 elif fd in self.by_fd:
                     self.child_event(fd, ev)
+                elif fd in self.caller.fds:
+                    self.caller.event(fd, ev)
 
     def port_event(self, ev):
         if ev & POLLOUT and self.out:

@@ -12,7 +12,11 @@ Wire format.  Every message is a 12-byte header then ``length`` bytes::
 - ``length`` is at most :data:`MAX_PAYLOAD`; a bigger one is a protocol
   violation: dom0 closes the link and logs it.
 - Channel 0 is the control channel (HELLO, PING, SHUTDOWN).  Every other
-  channel is one call (a command or a qrexec service), numbered by dom0.
+  channel is one call.  dom0 numbers the calls it opens (a command or a
+  qrexec service to run in the qube: EXEC, SERVICE) below 2**31; the guest
+  numbers the calls it opens (a qrexec call to another qube: CALL) with
+  :data:`GUEST_CHANNEL` set.  On a guest's channel the roles are turned
+  round: the guest sends STDIN, dom0 sends STDOUT, STDERR, ERROR and EXIT.
 - ``HELLO`` carries the protocol version; the guest sends it when it opens its
   port, dom0 answers with its own.  A different major version closes the link.
 - Data flows with credit: each side may have at most :data:`WINDOW` bytes of a
@@ -46,23 +50,32 @@ PING = 10          # d    channel 0: up to 64 bytes, echoed by PONG
 PONG = 11          # g
 ERROR = 12         # g    UTF-8 message: the call could not start; an EXIT follows
 SERVICE = 13       # d    b"user\0service+argument\0source-qube": run a qrexec service
+CALL = 14          # g    b"target\0service+argument": call a qrexec service in another qube
+
+GUEST_CHANNEL = 0x80000000   # set in the numbers of the channels the guest opens
 
 NAMES = {
     HELLO: "HELLO", EXEC: "EXEC", STDIN: "STDIN", STDOUT: "STDOUT", STDERR: "STDERR",
     EXIT: "EXIT", CREDIT: "CREDIT", SIGNAL: "SIGNAL", SHUTDOWN: "SHUTDOWN",
-    PING: "PING", PONG: "PONG", ERROR: "ERROR", SERVICE: "SERVICE",
+    PING: "PING", PONG: "PONG", ERROR: "ERROR", SERVICE: "SERVICE", CALL: "CALL",
 }
+MAX_TARGET = 64
 
 # The largest payload each type may carry (a tighter bound than MAX_PAYLOAD).
 PAYLOAD_LIMIT = {
     HELLO: 4, EXEC: MAX_USER + 1 + MAX_COMMAND, STDIN: MAX_PAYLOAD, STDOUT: MAX_PAYLOAD,
     STDERR: MAX_PAYLOAD, EXIT: 4, CREDIT: 4, SIGNAL: 4, SHUTDOWN: 0, PING: 64, PONG: 64,
-    ERROR: 1024, SERVICE: MAX_USER + 1 + 256 + 1 + 32,
+    ERROR: 1024, SERVICE: MAX_USER + 1 + 256 + 1 + 32, CALL: MAX_TARGET + 1 + 256,
 }
 
-FROM_GUEST = frozenset({HELLO, STDOUT, STDERR, EXIT, CREDIT, PONG, ERROR})
-FROM_DOM0 = frozenset({HELLO, EXEC, STDIN, CREDIT, SIGNAL, SHUTDOWN, PING, SERVICE})
 CONTROL_ONLY = frozenset({HELLO, SHUTDOWN, PING, PONG})
+# Who may send what, on whose channels: (on dom0's channels, on the guest's channels).
+_GUEST_SENDS = (frozenset({STDOUT, STDERR, EXIT, CREDIT, ERROR}), frozenset({CALL, STDIN, CREDIT}))
+_DOM0_SENDS = (frozenset({EXEC, SERVICE, STDIN, CREDIT, SIGNAL}),
+               frozenset({STDOUT, STDERR, EXIT, CREDIT, ERROR}))
+FROM_GUEST = frozenset({HELLO, PONG}) | _GUEST_SENDS[0] | _GUEST_SENDS[1]
+FROM_DOM0 = frozenset({HELLO, SHUTDOWN, PING}) | _DOM0_SENDS[0] | _DOM0_SENDS[1]
+_CHANNEL_RULES = {FROM_GUEST: _GUEST_SENDS, FROM_DOM0: _DOM0_SENDS}
 
 
 class ProtocolViolation(Exception):
@@ -115,6 +128,11 @@ def parse_header(header, allowed):
                                 % (NAMES[mtype], length, PAYLOAD_LIMIT[mtype]))
     if (mtype in CONTROL_ONLY) != (chan == 0):
         raise ProtocolViolation("%s on channel %d" % (NAMES[mtype], chan))
+    rules = _CHANNEL_RULES.get(allowed)
+    if rules is not None and chan != 0:
+        if mtype not in rules[1 if chan & GUEST_CHANNEL else 0]:
+            raise ProtocolViolation("%s on %s channel %d" % (
+                NAMES[mtype], "a guest" if chan & GUEST_CHANNEL else "a dom0", chan))
     return mtype, chan, length
 
 
@@ -174,6 +192,32 @@ def valid_service_name(name):
         if not (ch.isascii() and (ch.isalnum() or ch in "._-+")):
             return False
     return name.count("+") <= 1 and ".." not in name and "/" not in name
+
+
+def valid_call_target(name):
+    """A qrexec call's target as the caller names it: a qube name, ``@default``,
+    ``@adminvm``, ``@dispvm`` or ``@dispvm:NAME`` (the policy decides what it means)."""
+    if name in ("@default", "@adminvm", "@dispvm"):
+        return True
+    if name.startswith("@dispvm:"):
+        name = name[len("@dispvm:"):]
+    if not name or len(name) > 31 or not (name[0].isascii() and name[0].isalpha()):
+        return False
+    return all(ch.isascii() and (ch.isalnum() or ch in "_.-") for ch in name)
+
+
+def split_call(payload):
+    """``b"target\0service+arg"`` -> (target, service); raises ProtocolViolation."""
+    target, sep, service = payload.partition(b"\0")
+    try:
+        target, service = target.decode("ascii"), service.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolViolation("CALL payload is not ASCII") from None
+    if not sep or not valid_call_target(target):
+        raise ProtocolViolation("CALL payload must be target\\0service; bad target %r" % target[:64])
+    if not valid_service_name(service):
+        raise ProtocolViolation("invalid service name %r" % service[:64])
+    return target, service
 
 
 def split_service(payload):

@@ -77,6 +77,8 @@ def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool =
 
     start = time.monotonic()
     _, kid, image, key = prepare(paths, install_packages)
+    from ..qrexec.policy_default import ensure_policy
+    ensure_policy(paths.home)  # the default qrexec policy; /etc/qubes/policy.d for the default home
     ensure_daemon(paths)
     app = App(Connection(str(paths.socket)))
     ensure_template(app, image, key, kid)

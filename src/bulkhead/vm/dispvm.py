@@ -1,16 +1,19 @@
 """DispVM: a disposable qube, made from a disposable template.
 
 Its root and private volumes are snapshots of its disposable template's, so
-nothing it does survives it.  (Making disposables on demand and destroying
-them when they stop is a later issue; this module defines the class and its
-properties.)
+nothing it does survives it.  One made on demand (:mod:`bulkhead.disposable`)
+has ``auto_cleanup``: when it stops, its definition and volumes are removed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import asyncio
+import logging
+
 from ..errors import QubesPropertyValueError
+from ..events import handler
 from ..properties import LabelProperty, Property, VMProperty
 from .net import setter_netvm
 from .qubesvm import QubesVM
@@ -42,3 +45,18 @@ class DispVM(QubesVM):
                            "disposable template's netvm.")
     auto_cleanup = Property(type=bool, default=False,
                             doc="Remove the disposable when it stops.")
+
+    @handler("domain-stopped")
+    def _cleanup_on_stop(self, _subject: Any, _event: str, **_kwargs: Any) -> None:
+        """With ``auto_cleanup``, a disposable that stopped (shut down, killed or
+        crashed) is removed with every volume."""
+        if self.auto_cleanup:
+            asyncio.ensure_future(self._remove_self())
+
+    async def _remove_self(self) -> None:
+        try:
+            if self.app.domains.get(self.name) is self:
+                await self.app.remove_vm(self)
+                logging.getLogger(__name__).info("disposable %s removed", self.name)
+        except Exception:  # noqa: BLE001 -- the next daemon start tries again
+            logging.getLogger(__name__).exception("cannot remove the disposable %s", self.name)

@@ -1,0 +1,235 @@
+"""qrexec between real qubes: calls routed by dom0 under its policy, file copy with its
+hostile-sender checks, ``ask`` answered through the Admin API."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+ECHO_SERVICE = r"""#!/bin/sh
+printf 'from=%s arg=%s name=%s\n' "$QREXEC_REMOTE_DOMAIN" "$QREXEC_SERVICE_ARGUMENT" \
+    "$QREXEC_SERVICE_FULL_NAME"
+echo "$QREXEC_REMOTE_DOMAIN" > /tmp/last-caller
+cat
+exit 7
+"""
+
+TEST_POLICY = """\
+test.Echo * work personal allow
+test.Echo * @anyvm @anyvm deny
+"""
+
+
+def policy_dir(bulkhead):
+    d = bulkhead.home / "policy.d"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def two(bulkhead):
+    """work and personal running, personal with the test's service, the test's policy."""
+    (policy_dir(bulkhead) / "10-test.policy").write_text(TEST_POLICY)
+    bulkhead.ensure_running("work")
+    bulkhead.ensure_running("personal")
+    bulkhead.run("personal", "mkdir -p /usr/local/etc/qubes-rpc && "
+                             "cat > /usr/local/etc/qubes-rpc/test.Echo && "
+                             "chmod +x /usr/local/etc/qubes-rpc/test.Echo",
+                 user="root", input=ECHO_SERVICE)
+    yield
+    (policy_dir(bulkhead) / "10-test.policy").unlink(missing_ok=True)
+
+
+def qrexec(bulkhead, qube, target, service, stdin="", local=""):
+    return bulkhead.run(qube, f"qrexec-client-vm {target} {service} {local}; echo rc=$?",
+                        input=stdin, check=False)
+
+
+def test_an_allowed_call_joins_the_two_qubes(bulkhead, two):
+    r = qrexec(bulkhead, "work", "personal", "test.Echo+some-arg", stdin="hello\n")
+    assert r.stdout == ("from=work arg=some-arg name=test.Echo+some-arg\nhello\nrc=7\n"), r
+    log = (bulkhead.home / "log" / "qrexec.log").read_text()
+    assert "allow source=work target=personal service=test.Echo argument=some-arg" in log
+
+
+def test_a_denied_call_reaches_nobody_and_says_so(bulkhead, two):
+    bulkhead.ensure_running("untrusted")
+    bulkhead.run("personal", "rm -f /tmp/last-caller", user="root")
+    r = qrexec(bulkhead, "untrusted", "personal", "test.Echo")
+    assert r.stdout.endswith("rc=126\n"), r
+    assert "Request refused" in r.stderr
+    assert bulkhead.run("personal", "cat /tmp/last-caller 2>/dev/null; true").stdout == ""
+    assert "deny source=untrusted target=personal service=test.Echo" in \
+        (bulkhead.home / "log" / "qrexec.log").read_text()
+
+
+def test_untrusted_cannot_run_a_shell_in_work(bulkhead, two):
+    bulkhead.ensure_running("untrusted")
+    r = qrexec(bulkhead, "untrusted", "work", "qubes.VMShell", stdin="touch /tmp/owned\n")
+    assert r.stdout.endswith("rc=126\n"), r
+    assert bulkhead.run("work", "test -e /tmp/owned && echo owned || echo safe").stdout == "safe\n"
+
+
+def test_a_broken_policy_file_denies_every_call(bulkhead, two):
+    broken = policy_dir(bulkhead) / "05-broken.policy"
+    broken.write_text("test.Echo * work personal allow\nthis line is not a rule\n")
+    try:
+        r = qrexec(bulkhead, "work", "personal", "test.Echo")
+        assert r.stdout.endswith("rc=126\n"), r
+        assert "05-broken.policy:2" in (bulkhead.home / "log" / "qrexec.log").read_text()
+    finally:
+        broken.unlink()
+    r = qrexec(bulkhead, "work", "personal", "test.Echo", stdin="back\n")
+    assert r.stdout.endswith("back\nrc=7\n"), r
+
+
+# --- file copy --------------------------------------------------------------------------------
+
+def answer_asks(bulkhead, answer: str, stop: threading.Event) -> threading.Thread:
+    """Answer every pending ``ask`` through the Admin API, as a prompt would."""
+    from bulkhead.client.connection import Connection
+
+    def loop() -> None:
+        conn = Connection(str(bulkhead.socket))
+        while not stop.is_set():
+            reply = conn.request("dom0", "bulkhead.qrexec.AskList")
+            assert reply.startswith(b"0\0"), reply
+            for line in reply[2:].decode().splitlines():
+                qid = line.split()[0]
+                conn.request("dom0", "bulkhead.qrexec.AskAnswer", qid, answer.encode())
+            time.sleep(0.2)
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
+
+
+def test_qvm_copy_asked_and_allowed_lands_byte_identical(bulkhead, two):
+    bulkhead.run("work", "head -c 100000000 /dev/urandom > /home/user/big.bin && "
+                         "sha256sum < /home/user/big.bin > /home/user/big.sum")
+    bulkhead.run("personal", "rm -rf /home/user/QubesIncoming/work")
+    stop = threading.Event()
+    answer_asks(bulkhead, "allow personal", stop)
+    try:
+        r = bulkhead.tool("qvm-run", "-p", "work", "qvm-copy-to-vm personal /home/user/big.bin",
+                          check=False, timeout=600)
+    finally:
+        stop.set()
+    assert r.returncode == 0, r.stderr
+    want = bulkhead.run("work", "cat /home/user/big.sum").stdout
+    got = bulkhead.run("personal", "sha256sum < /home/user/QubesIncoming/work/big.bin").stdout
+    assert got == want
+
+
+def test_qvm_copy_denied_delivers_nothing(bulkhead, two):
+    bulkhead.run("work", "echo secret > /home/user/small.txt")
+    bulkhead.run("personal", "rm -rf /home/user/QubesIncoming/work")
+    stop = threading.Event()
+    answer_asks(bulkhead, "deny", stop)
+    try:
+        r = bulkhead.tool("qvm-run", "-p", "work", "qvm-copy-to-vm personal /home/user/small.txt",
+                          check=False, timeout=120)
+    finally:
+        stop.set()
+    assert r.returncode != 0
+    assert "Request refused" in r.stderr
+    assert bulkhead.run("personal", "ls /home/user/QubesIncoming/work 2>/dev/null | wc -l"
+                        ).stdout.strip() == "0"
+
+
+HOSTILE_SENDER = r"""
+import os, sys
+def entry(kind, name, size, mode=0o644):
+    return kind + len(name).to_bytes(2, "little") + mode.to_bytes(4, "little") + \
+        size.to_bytes(8, "little") + name
+case = sys.argv[1]
+out = os.fdopen(1, "wb")
+out.write(b"BHFC1\n")
+if case == "traversal":
+    out.write(entry(b"F", b"../escaped-traversal", 2) + b"hi")
+elif case == "absolute":
+    out.write(entry(b"F", b"/tmp/escaped-absolute", 2) + b"hi")
+elif case == "symlink":
+    out.write(entry(b"D", b"d", 0, 0o755))
+    out.write(entry(b"L", b"d/out", 9) + b"../../../")
+    out.write(entry(b"F", b"d/out/escaped-symlink", 2) + b"hi")
+elif case == "through-symlink":
+    out.write(entry(b"L", b"ok", 1) + b".")
+    out.write(entry(b"F", b"ok/escaped-through", 2) + b"hi")
+elif case == "device":
+    out.write(entry(b"B", b"escaped-device", 0))
+elif case == "huge-name":
+    out.write(entry(b"F", b"x" * 300, 2) + b"hi")
+elif case == "endless":
+    out.write(entry(b"F", b"endless", 10**12))
+    block = b"z" * 65536
+    try:
+        while True:
+            out.write(block)
+    except BrokenPipeError:
+        sys.stderr.write(sys.stdin.read())
+        sys.exit(0)
+try:
+    out.write(b"E")
+    out.flush()
+    os.close(1)
+except BrokenPipeError:
+    pass
+sys.stderr.write(sys.stdin.read())
+"""
+
+
+@pytest.mark.parametrize("case", ["traversal", "absolute", "symlink", "through-symlink",
+                                  "device", "huge-name", "endless"])
+def test_a_hostile_sender_lands_nothing_outside_the_incoming_folder(bulkhead, two, case):
+    (policy_dir(bulkhead) / "09-filecopy-test.policy").write_text(
+        "qubes.Filecopy * work personal allow\n")
+    bulkhead.run("personal", "mkdir -p /usr/local/etc/bulkhead && "
+                             "echo 1048576 > /usr/local/etc/bulkhead/filecopy-limit", user="root")
+    bulkhead.run("personal", "rm -rf /home/user/QubesIncoming /tmp/escaped-*")
+    bulkhead.run("work", "cat > /tmp/hostile-sender.py", input=HOSTILE_SENDER)
+    r = bulkhead.run("work", f"qrexec-client-vm personal qubes.Filecopy python3 "
+                             f"/tmp/hostile-sender.py {case}; echo rc=$?", check=False)
+    assert "rc=1\n" in r.stdout, (r.stdout, r.stderr)
+    assert "ERROR: refused" in r.stderr, r.stderr
+    escaped = bulkhead.run("personal", "find / -xdev -name 'escaped-*' "
+                                       "-not -path '/home/user/QubesIncoming/work/*' "
+                                       "2>/dev/null; true", user="root").stdout
+    assert escaped == ""
+    (policy_dir(bulkhead) / "09-filecopy-test.policy").unlink()
+
+
+def test_work_runs_a_shell_in_a_disposable_that_then_goes(bulkhead, two):
+    r = qrexec(bulkhead, "work", "@dispvm", "qubes.VMShell",
+               stdin="echo from-$(hostname)\necho $QREXEC_REMOTE_DOMAIN\n")
+    assert r.stdout.endswith("rc=0\n"), r
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("from-disp") and r.stdout.splitlines()[1] == "work", r.stdout
+    name = first.removeprefix("from-")
+    deadline = time.monotonic() + 60
+    while name in bulkhead.tool("qvm-ls", "--raw-list").stdout.split():
+        assert time.monotonic() < deadline, f"{name} still listed"
+        time.sleep(0.5)
+    leftovers = [p for p in (bulkhead.home / "pools").rglob(f"*{name}*")]
+    assert leftovers == []
+
+
+def test_a_qube_calls_the_admin_api_only_as_the_policy_allows(bulkhead, two):
+    r = qrexec(bulkhead, "work", "dom0", "admin.vm.List")
+    assert r.stdout.endswith("rc=126\n"), r                    # denied by default
+    rule = policy_dir(bulkhead) / "08-admin-test.policy"
+    rule.write_text("admin.vm.List * work @adminvm allow target=dom0\n"
+                    "bulkhead.vm.Run * work @anyvm allow target=dom0\n")
+    try:
+        r = qrexec(bulkhead, "work", "dom0", "admin.vm.List")
+        assert r.stdout.startswith("0\0") and "\nwork class=AppVM state=Running\n" in \
+            "\n" + r.stdout[2:], r
+        assert r.stdout.endswith("rc=0\n")
+        # Bulkhead's own methods stay dom0's, whatever a policy line says.
+        r = qrexec(bulkhead, "work", "personal", "bulkhead.vm.Run")
+        assert r.stdout.endswith("rc=126\n"), r
+    finally:
+        rule.unlink()
