@@ -7,4 +7,7 @@ for tool in "$BULKHEAD_VENV"/bin/bulkhead "$BULKHEAD_VENV"/bin/qvm-* "$BULKHEAD_
             "$BULKHEAD_VENV"/bin/qrexec-*; do
     ln -sf "$tool" "/usr/local/bin/$(basename "$tool")"
 done
+# dom0's qrexec-client where Qubes' tools look for it.
+mkdir -p /usr/lib/qubes
+ln -sf "$BULKHEAD_VENV/bin/qrexec-client" /usr/lib/qubes/qrexec-client
 exec bulkhead setup "$@"

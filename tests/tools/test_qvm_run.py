@@ -117,6 +117,8 @@ def test_no_autostart_refuses_a_halted_qube(app, conn, capsys):
 def test_user_option_and_arguments_without_shell(app, conn, stdin):
     running_vm(conn)
     del conn.expected_calls[("work", "admin.vm.property.Get", "default_user", b"")]
+    conn.expected_calls[("work", "admin.vm.feature.Get", "vmexec", b"")] = error(
+        "QubesFeatureNotFoundError", "Feature not set for domain work: vmexec")
     handler = RunHandler(exit_with(0))
     conn.stream_handlers[run_header("work")] = handler
     stdin(b"")
@@ -224,3 +226,13 @@ def test_escape_filter_handles_split_utf8():
     for i in range(len(data)):
         f(data[i:i + 1])
     assert b"".join(got) == "é€_".encode()
+
+
+def test_arguments_go_through_vmexec_when_the_qube_has_it(app, conn, stdin):
+    running_vm(conn)
+    conn.expected_calls[("work", "admin.vm.feature.Get", "vmexec", b"")] = b"0\x001"
+    handler = conn.stream_handlers[run_header("work")] = RunHandler(exit_with(0))
+    stdin(b"")
+    assert qvm_run.main(["-p", "work", "--", "ls", "-a", "x y/ü"], app=app) == 0
+    assert handler.request == (p.SERVICE,
+                               b"user\x00qubes.VMExec+ls+--a+x-20y-2F-C3-BC\x00dom0")

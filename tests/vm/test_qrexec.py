@@ -233,3 +233,56 @@ def test_a_qube_calls_the_admin_api_only_as_the_policy_allows(bulkhead, two):
         assert r.stdout.endswith("rc=126\n"), r
     finally:
         rule.unlink()
+
+
+def test_dom0_qrexec_client_runs_commands_and_services_as_qubes_does(bulkhead, two, tmp_path):
+    r = bulkhead.tool("qrexec-client", "-d", "personal", "user:echo $USER; exit 3", check=False)
+    assert (r.returncode, r.stdout) == (3, "user\n"), r
+    r = bulkhead.tool("qrexec-client", "-d", "personal", "DEFAULT:QUBESRPC test.Echo+xy work",
+                      input="in\n", check=False)
+    assert (r.returncode, r.stdout) == (7, "from=work arg=xy name=test.Echo+xy\nin\n"), r
+    got = tmp_path / "got"
+    r = bulkhead.tool("qrexec-client", "-d", "personal", "-l",
+                      f"exec sh -c 'echo local-data; exec 1>&-; cat > {got}'", "user:cat",
+                      check=False, timeout=60)
+    assert r.returncode == 0, r
+    assert got.read_text() == "local-data\n"
+
+
+OPENER = "#!/bin/sh\necho \"edited in $(hostname)\" >> \"$1\"\n"
+
+
+def test_open_in_vm_and_in_a_disposable_brings_changes_back(bulkhead, two):
+    bulkhead.run("personal", "mkdir -p /usr/local/bin && cat > /usr/local/bin/qubes-open && chmod +x "
+                             "/usr/local/bin/qubes-open", user="root", input=OPENER)
+    bulkhead.run("work", "echo original > /home/user/doc.txt")
+    stop = threading.Event()
+    answer_asks(bulkhead, "allow personal", stop)
+    try:
+        r = bulkhead.tool("qvm-run", "-p", "work", "qvm-open-in-vm personal /home/user/doc.txt",
+                          check=False, timeout=300)
+    finally:
+        stop.set()
+    assert r.returncode == 0, r.stderr
+    assert bulkhead.run("work", "cat /home/user/doc.txt").stdout == \
+        "original\nedited in personal\n"
+    # The disposable template's own files are in every disposable made from it.
+    bulkhead.run("default-dvm", "mkdir -p /usr/local/bin && cat > /usr/local/bin/qubes-open && chmod +x "
+                                "/usr/local/bin/qubes-open", user="root", input=OPENER)
+    bulkhead.tool("qvm-shutdown", "--wait", "default-dvm", timeout=120)
+    r = bulkhead.run("work", "qvm-open-in-dvm --view-only /home/user/doc.txt", check=False)
+    assert r.returncode == 0, r.stderr
+    assert bulkhead.run("work", "cat /home/user/doc.txt").stdout == \
+        "original\nedited in personal\n"                          # view-only: nothing back
+    r = bulkhead.run("work", "qvm-open-in-dvm /home/user/doc.txt", check=False)
+    assert r.returncode == 0, r.stderr
+    lines = bulkhead.run("work", "cat /home/user/doc.txt").stdout.splitlines()
+    assert lines[:2] == ["original", "edited in personal"] and lines[2].startswith("edited in disp")
+
+
+def test_get_date_from_dom0_and_vmexec_in_a_disposable(bulkhead, two):
+    r = qrexec(bulkhead, "work", "@default", "qubes.GetDate")   # as qvm-sync-clock asks
+    assert r.stdout.endswith("+00:00\nrc=0\n") and r.stdout[:2] == "20", r
+    # qubes.VMExec: the argument is the command line in Qubes' encoding ("-20" a space)
+    r = qrexec(bulkhead, "work", "@dispvm", "qubes.VMExec+echo+hello-20world--x")
+    assert r.stdout == "hello world-x\nrc=0\n", r

@@ -34,6 +34,7 @@ from ..agentlink import AgentLinkError
 from ..agentlink import Call as AgentCall
 from ..errors import ProtocolError, QubesVMNotRunningError
 from ..guest import protocol as P
+from ..vm import validate_name
 from .registry import Call, stream
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,13 @@ async def vm_run(call: Call, reader: asyncio.StreamReader, writer: asyncio.Strea
             untrusted_user, command = P.split_exec(untrusted_payload)
             user = _check_user(untrusted_user)
         else:
-            untrusted_user, service, _source = P.split_service(untrusted_payload)
+            untrusted_user, service, untrusted_source = P.split_service(untrusted_payload)
             user = _check_user(untrusted_user)
+            # dom0's own qrexec-client may name the caller a service sees (as Qubes'
+            # policy daemon does); it must be a qube's name.
+            if untrusted_source != "dom0":
+                validate_name(None, None, untrusted_source)
+            source = untrusted_source
     except P.ProtocolViolation as e:
         raise ProtocolError(str(e)) from None
     if not vm.is_running():
@@ -98,7 +104,7 @@ async def vm_run(call: Call, reader: asyncio.StreamReader, writer: asyncio.Strea
     if mtype == P.EXEC:
         agent_call = await link.exec(user, command)
     else:
-        agent_call = await link.service(user, service, "dom0")
+        agent_call = await link.service(user, service, source)
     await _relay(vm.name, agent_call, reader, writer)
 
 

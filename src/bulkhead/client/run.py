@@ -61,14 +61,15 @@ class RunError(errors.QubesException):
         self.exit_code = exit_code
 
 
-def request_frame(command: str, user: str, service: bool) -> bytes:
-    """The EXEC or SERVICE frame that starts the call."""
+def request_frame(command: str, user: str, service: bool, source: str = wire.SOURCE) -> bytes:
+    """The EXEC or SERVICE frame that starts the call (a service sees ``source`` as
+    its caller: dom0 unless dom0's ``qrexec-client`` says otherwise)."""
     if not user or len(user.encode()) > p.MAX_USER or "\0" in user:
         raise errors.QubesValueError(f"invalid user name {user!r}")
     if service:
         if not p.valid_service_name(command):
             raise errors.QubesValueError(f"invalid service name {command!r}")
-        return p.pack(p.SERVICE, CHANNEL, f"{user}\0{command}\0{wire.SOURCE}".encode("ascii"))
+        return p.pack(p.SERVICE, CHANNEL, f"{user}\0{command}\0{source}".encode("ascii"))
     data = command.encode("utf-8")
     if not data or len(data) > p.MAX_COMMAND or b"\0" in data:
         raise errors.QubesValueError("the command must be 1 to %d bytes without NUL" % p.MAX_COMMAND)
@@ -206,7 +207,8 @@ class _Relay:
 
 def run_stream(connection: "Connection", vm_name: str, command: str, user: str, *,
                stdin: "BinaryIO | int | None" = None, stdout: Sink = None, stderr: Sink = None,
-               service: bool = False, forward_signals: bool = False) -> int:
+               service: bool = False, forward_signals: bool = False,
+               source: str = wire.SOURCE) -> int:
     """Run ``command`` in ``vm_name`` through the daemon; returns the exit code.
 
     ``stdin`` is a file object or descriptor (a terminal, a pipe, a file,
@@ -214,7 +216,7 @@ def run_stream(connection: "Connection", vm_name: str, command: str, user: str, 
     With ``forward_signals`` (only from the main thread) SIGINT, SIGTERM and
     SIGHUP are sent to the command instead of ending the client.
     """
-    frame = request_frame(command, user, service)
+    frame = request_frame(command, user, service, source)
     header = wire.encode_header(METHOD, vm_name, plus=False)
     sock = connection.open_stream(header, frame)
     relay = _Relay(sock, stdin, stdout, stderr)

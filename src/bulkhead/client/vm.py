@@ -227,7 +227,7 @@ class VM(Named, PropertyHolder):
     def run_stream(self, command: str, user: str | None = None,
                    stdin: "BinaryIO | int | None" = None, stdout: "Sink" = None,
                    stderr: "Sink" = None, *, service: bool = False,
-                   forward_signals: bool = False) -> int:
+                   forward_signals: bool = False, source: str = "dom0") -> int:
         """Run ``command`` (a shell command; with ``service``, a qrexec service name)
         in the running qube, relaying stdin/stdout/stderr; returns its exit code.
 
@@ -237,7 +237,8 @@ class VM(Named, PropertyHolder):
         from .run import run_stream
         return run_stream(self._app.connection, self.name, command,
                           user or self.default_user_name(), stdin=stdin, stdout=stdout,
-                          stderr=stderr, service=service, forward_signals=forward_signals)
+                          stderr=stderr, service=service, forward_signals=forward_signals,
+                          source=source)
 
     def run(self, command: str, user: str | None = None, input: bytes = b"") -> RunResult:
         """Run a shell command to completion, collecting its output."""

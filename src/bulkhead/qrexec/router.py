@@ -49,6 +49,17 @@ DEFAULT_USER = "user"
 ADMIN_PAYLOAD_MAX = 1024 * 1024
 
 
+def _get_date() -> str:
+    """qubes.GetDate: dom0's time, as ``date -u -Iseconds`` prints it."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds") + "\n"
+
+
+#: the services dom0 itself answers (besides the Admin API), by name
+DOM0_SERVICES = {"qubes.GetDate": _get_date}
+
+
 class Refused(Exception):
     """The call does not go ahead; the message is for the caller."""
 
@@ -69,8 +80,15 @@ class Router:
             if service.startswith("bulkhead."):
                 raise Refused("Bulkhead's own methods are dom0's alone")
             decision = await self._decide(source, untrusted_target, service, argument)
-            if service.startswith("admin.") and decision.target == "dom0":
-                await self._admin_call(call, source, service, argument, untrusted_target)
+            if decision.target == "dom0":
+                if service.startswith("admin."):
+                    await self._admin_call(call, source, service, argument, untrusted_target)
+                    return
+                builtin = DOM0_SERVICES.get(service)
+                if builtin is None:
+                    raise Refused(f"dom0 has no service {service!r}")
+                await call.write(builtin().encode(), P.STDOUT)
+                await call.finish(0)
                 return
             target_vm, disposable = await self._target(decision, source)
         except Refused as e:

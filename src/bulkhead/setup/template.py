@@ -64,6 +64,12 @@ GUEST_FILES = [
     ("guest/files/qvm-copy", "usr/bin/qvm-move-to-vm", 0o755),
     ("guest/files/qubes.Filecopy", "etc/qubes-rpc/qubes.Filecopy", 0o755),
     ("guest/files/qubes.VMShell", "etc/qubes-rpc/qubes.VMShell", 0o755),
+    ("guest/files/qubes.VMExec", "etc/qubes-rpc/qubes.VMExec", 0o755),
+    ("guest/openinvm.py", "usr/lib/bulkhead/bulkhead_guest/openinvm.py", 0o644),
+    ("guest/files/qubes.OpenInVM", "etc/qubes-rpc/qubes.OpenInVM", 0o755),
+    ("guest/files/qopen-in-vm", "usr/lib/bulkhead/qopen-in-vm", 0o755),
+    ("guest/files/qvm-open-in-vm", "usr/bin/qvm-open-in-vm", 0o755),
+    ("guest/files/qvm-open-in-vm", "usr/bin/qvm-open-in-dvm", 0o755),
     ("guest/files/qrexec-agent", "usr/lib/bulkhead/qrexec-agent", 0o755),
     ("guest/files/rc.sysinit", "usr/lib/bulkhead/rc.sysinit", 0o755),
     ("guest/files/rc.shutdown", "usr/lib/bulkhead/rc.shutdown", 0o755),
@@ -142,7 +148,9 @@ def build_image(paths: Paths) -> Path:
         return image
     rootfs = build_rootfs(paths)
     log = paths.log_dir / "template-build.log"
-    staging = paths.cache / "templates" / f"staging-{key}"
+    # Per process: two builds side by side (two checkouts sharing a cache) must not
+    # copy into each other's staging tree.
+    staging = paths.cache / "templates" / f"staging-{key}-{os.getpid()}"
     raw = staging.with_suffix(".raw")
     with step("Installing Bulkhead's guest agent and making the template image") as s:
         shutil.rmtree(staging, ignore_errors=True)
@@ -162,7 +170,7 @@ def build_image(paths: Paths) -> Path:
         raw.unlink(missing_ok=True)
         s.run(["mke2fs", "-q", "-t", "ext4", "-L", "root", "-E", "root_owner=0:0",
                "-d", str(staging), str(raw), f"{ROOT_SIZE // 2**20}M"], log, what="mke2fs")
-        tmp = image.with_suffix(".tmp")
+        tmp = image.with_suffix(f".tmp{os.getpid()}")
         s.run(["qemu-img", "convert", "-q", "-O", "qcow2", "-o", "cluster_size=65536",
                str(raw), str(tmp)], log, what="qemu-img convert")
         os.replace(tmp, image)
@@ -173,11 +181,13 @@ def build_image(paths: Paths) -> Path:
     return image
 
 
-def _prune(directory: Path, keep: Path) -> None:
-    """Drop older images: each is ~200 MiB and only the newest is used."""
-    for p in directory.glob("debian-12-*.qcow2"):
-        if p != keep:
-            p.unlink(missing_ok=True)
+def _prune(directory: Path, keep: Path, newest: int = 3) -> None:
+    """Drop older images: each is ~200 MiB.  The few newest stay, for other
+    checkouts that share this cache and build another revision."""
+    images = sorted((p for p in directory.glob("debian-12-*.qcow2") if p != keep),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in images[newest - 1:]:
+        p.unlink(missing_ok=True)
 
 
 def verify_tools() -> None:

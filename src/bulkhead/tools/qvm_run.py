@@ -120,6 +120,37 @@ def get_parser() -> QubesArgumentParser:
     return parser
 
 
+def vmexec_argument(argv: Sequence[str]) -> str:
+    """Qubes' qubes.VMExec encoding: words joined by ``+``; in each, bytes other than
+    letters, digits, ``_`` and ``.`` as ``-XX`` (hexadecimal), ``-`` as ``--``."""
+    words = []
+    for word in argv:
+        out = []
+        for byte in word.encode("utf-8", "surrogateescape"):
+            ch = chr(byte)
+            if ch == "-":
+                out.append("--")
+            elif ch.isascii() and (ch.isalnum() or ch in "_."):
+                out.append(ch)
+            else:
+                out.append(f"-{byte:02X}")
+        words.append("".join(out))
+    return "+".join(words)
+
+
+def _for_vm(ns: argparse.Namespace, vm: VM, command: str) -> tuple[str, bool]:
+    """The command (or service) to send ``vm``: ``COMMAND ARGS`` go through
+    qubes.VMExec, without a shell, when the qube says it has it (feature ``vmexec``)."""
+    if not ns.service and (ns.cmd_args or ns.no_shell):
+        try:
+            has_vmexec = bool(vm.features.get("vmexec", ""))
+        except errors.QubesException:
+            has_vmexec = False
+        if has_vmexec:
+            return "qubes.VMExec+" + vmexec_argument([ns.cmd, *ns.cmd_args]), True
+    return command, ns.service
+
+
 def _command(parser: QubesArgumentParser, ns: argparse.Namespace) -> str:
     if ns.service:
         if ns.cmd_args:
@@ -233,8 +264,9 @@ def _run_all(parser: QubesArgumentParser, ns: argparse.Namespace, domains: list[
 
 
 def _run_quiet(parser: QubesArgumentParser, ns: argparse.Namespace, vm: VM, command: str) -> int:
+    command, service = _for_vm(ns, vm, command)
     try:
-        return vm.run_stream(command, ns.user, stdin=None, service=ns.service)
+        return vm.run_stream(command, ns.user, stdin=None, service=service)
     except RunError as e:
         print(f"{parser.prog}: error: {vm.name}: {e}", file=sys.stderr)
         return e.exit_code or 1
@@ -253,9 +285,10 @@ def _run_passio(parser: QubesArgumentParser, ns: argparse.Namespace, vm: VM, com
         if colour:
             stream.write(f"\033[0;{colour}m")
             stream.flush()
+    command, service = _for_vm(ns, vm, command)
     try:
         return vm.run_stream(command, ns.user, stdin=stdin_arg, stdout=stdout, stderr=stderr,
-                             service=ns.service, forward_signals=True)
+                             service=service, forward_signals=True)
     except RunError as e:
         print(f"{parser.prog}: error: {vm.name}: {e}", file=sys.stderr)
         return e.exit_code or 1
