@@ -37,6 +37,7 @@ import asyncio
 import collections
 import enum
 import logging
+import signal
 from typing import Awaitable, Callable, Union
 
 from .errors import QubesException
@@ -150,6 +151,22 @@ class Call:
     async def signal(self, signum: int) -> None:
         if not self.done:
             await self.link.send(P.SIGNAL, self.chan, P.u32(signum))
+
+    async def hang_up(self, grace: float) -> None:
+        """The caller went away: tell the command, as a closed terminal would (SIGHUP,
+        end of input); SIGKILL if it has not ended ``grace`` seconds later.  A guest
+        that ignores even that keeps the channel, which counts against that qube's
+        own limit of calls (and costs dom0 nothing)."""
+        try:
+            await self.signal(signal.SIGHUP)
+            await self.close_stdin()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            while not self.done and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            await self.signal(signal.SIGKILL)
+        except AgentLinkError:
+            pass  # the qube or its link is gone too
 
     async def finish(self, code: int, error: str | None = None) -> None:
         """End an inbound call: its output streams end, then ERROR (if any) and EXIT."""

@@ -13,6 +13,7 @@ answered first (so that ``qvm-run`` returns) and then carried out:
     no-credit               keep the channel: take its input, never credit it, never exit
     drip                    2-byte STDOUT frames for as long as dom0 gives credit, never exit
     raw HEX                 write these bytes as they are (frame by frame driving)
+    call-flood N TARGET SVC ask dom0 for N qrexec calls at once (CALL frames)
     release                 give the port back to the real agent (init restarts it)
 
 Directives may be chained: ``hello-flood 2 ; stall 60``.  SHUTDOWN, SIGNAL
@@ -108,6 +109,10 @@ class Hostile:
                 self.stall_until = now + float(step[1])
             elif step[0] == "raw":
                 self.out += bytes.fromhex(step[1])
+            elif step[0] == "call-flood":
+                request = step[2].encode() + b"\0" + step[3].encode()
+                for i in range(int(step[1])):
+                    self.out += P.pack(P.CALL, P.GUEST_CHANNEL | (i + 1), request)
             elif step[0] == "release":
                 self.quit = True
 

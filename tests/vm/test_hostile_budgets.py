@@ -162,6 +162,28 @@ def test_shutdown_of_a_qube_that_stops_reading_ends_in_time(bulkhead, hostile):
     assert bulkhead.state("untrusted") == "Halted"
 
 
+def test_a_flood_of_qrexec_calls_costs_only_their_budget(bulkhead, hostile):
+    """The qrexec channel gets the same treatment: 20,000 CALL requests at once."""
+    hostile.seize()
+    meter = DaemonMeter(bulkhead)
+    rt0 = meter.round_trip("work")
+    rss0, log0 = meter.rss_kib(), meter.log_bytes()
+    audit = bulkhead.home / "log" / "qrexec.log"
+    audit0 = audit.stat().st_size if audit.exists() else 0
+    hostile.do("call-flood 20000 personal test.Nothing")
+    time.sleep(5)
+    rt = meter.round_trip("work")
+    meter.qvm_ls_answers()
+    assert rt <= 3 * rt0 + SLACK, f"qvm-run work true: {rt:.3f} s during, {rt0:.3f} s before"
+    assert meter.rss_kib() - rss0 < RSS_BOUND_KIB
+    assert meter.log_bytes() - log0 < 100_000
+    # Only the budget's worth reached the policy (and its audit log).
+    decided = (audit.read_text()[audit0:] if audit.exists() else "").count("source=untrusted")
+    assert 1 <= decided <= 100, decided
+    assert "qube untrusted: qrexec call to personal refused: too many qrexec calls" in \
+        bulkhead.daemon_log()
+
+
 def test_kill_works_at_once_whatever_the_agent_does(bulkhead, hostile):
     hostile.seize()
     hostile.do("hello-flood 30 ; stall 600")

@@ -286,3 +286,44 @@ def test_get_date_from_dom0_and_vmexec_in_a_disposable(bulkhead, two):
     # qubes.VMExec: the argument is the command line in Qubes' encoding ("-20" a space)
     r = qrexec(bulkhead, "work", "@dispvm", "qubes.VMExec+echo+hello-20world--x")
     assert r.stdout == "hello world-x\nrc=0\n", r
+
+
+SOCKET_SERVER = r"""
+import os, socket
+path = "/usr/local/etc/qubes-rpc/test.Sock"
+try:
+    os.unlink(path)
+except FileNotFoundError:
+    pass
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+os.chmod(path, 0o666)
+s.listen(1)
+conn, _ = s.accept()
+buf = b""
+while b"\0" not in buf:
+    buf += conn.recv(100)
+header, _, rest = buf.partition(b"\0")
+data = rest
+while True:
+    d = conn.recv(4096)
+    if not d:
+        break
+    data += d
+conn.sendall(b"header=" + header + b" data=" + data)
+conn.close()
+"""
+
+
+def test_a_socket_service_gets_qubes_header_and_the_data(bulkhead, two):
+    (policy_dir(bulkhead) / "07-sock-test.policy").write_text("test.Sock * work personal allow\n")
+    try:
+        bulkhead.run("personal", "mkdir -p /usr/local/etc/qubes-rpc && "
+                                 "cat > /tmp/sock-server.py", user="root", input=SOCKET_SERVER)
+        bulkhead.run("personal", "setsid python3 /tmp/sock-server.py </dev/null >/dev/null 2>&1 & "
+                                 "for i in $(seq 100); do [ -S /usr/local/etc/qubes-rpc/test.Sock ]"
+                                 " && break; sleep 0.1; done", user="root")
+        r = qrexec(bulkhead, "work", "personal", "test.Sock+a1", stdin="payload")
+        assert r.stdout == "header=test.Sock+a1 work data=payloadrc=0\n", r
+    finally:
+        (policy_dir(bulkhead) / "07-sock-test.policy").unlink()

@@ -156,7 +156,7 @@ async def _relay(qube: str, agent_call: AgentCall, reader: asyncio.StreamReader,
         if not finished and not agent_call.done:
             # Nobody reads this call any more: it must cost dom0 nothing from now on.
             agent_call.abandon()
-            asyncio.ensure_future(_hang_up(agent_call))
+            asyncio.ensure_future(agent_call.hang_up(HANGUP_GRACE))
 
 
 async def _client_to_qube(agent_call: AgentCall, reader: asyncio.StreamReader) -> None:
@@ -200,20 +200,3 @@ async def _wait_hangup(writer: asyncio.StreamWriter) -> None:
     poller.register(sock.fileno(), 0)  # POLLHUP and POLLERR are always reported
     while not poller.poll(0):
         await asyncio.sleep(HANGUP_POLL)
-
-
-async def _hang_up(agent_call: AgentCall) -> None:
-    """Tell an abandoned command its client went away, as a closed terminal would
-    (SIGHUP, end of input); if it has not ended after :data:`HANGUP_GRACE`
-    seconds, SIGKILL.  A guest that ignores even that keeps the channel, which
-    counts against that qube's own limit of calls (and costs dom0 nothing)."""
-    try:
-        await agent_call.signal(signal.SIGHUP)
-        await agent_call.close_stdin()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + HANGUP_GRACE
-        while not agent_call.done and loop.time() < deadline:
-            await asyncio.sleep(0.1)
-        await agent_call.signal(signal.SIGKILL)
-    except Exception:  # noqa: BLE001 -- the qube or its link may be gone too
-        pass

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
 from typing import TYPE_CHECKING, Any
 
 from ..agentlink import REFUSED, AgentLinkError, Call
@@ -227,7 +226,7 @@ async def join(caller: Call, service: Call) -> None:
         inbound.cancel()
         if not service.done:
             service.abandon()
-            asyncio.ensure_future(_hang_up(service))
+            asyncio.ensure_future(service.hang_up(HANGUP_GRACE))
         if not caller.done:
             await caller.finish(REFUSED, error or "the service's qube went away")
 
@@ -246,17 +245,3 @@ async def _caller_to_service(caller: Call, service: Call) -> None:
                 return
     except AgentLinkError:
         await asyncio.Event().wait()      # the service's side ends the join
-
-
-async def _hang_up(call: Call) -> None:
-    """SIGHUP and end of input, then SIGKILL if the service has not ended."""
-    try:
-        await call.signal(signal.SIGHUP)
-        await call.close_stdin()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + HANGUP_GRACE
-        while not call.done and loop.time() < deadline:
-            await asyncio.sleep(0.1)
-        await call.signal(signal.SIGKILL)
-    except Exception:  # noqa: BLE001 -- the qube or its link may be gone too
-        pass
