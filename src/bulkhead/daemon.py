@@ -238,6 +238,9 @@ async def _prepare(app: "App", lifecycle: "Lifecycle") -> None:
                 log.info("adopted running qube %s", vm.name)
         except Exception:  # noqa: BLE001 - one qube must not keep the daemon down
             log.exception("adopting %s failed", vm.name)
+    from .disposable import clean_up_leftovers
+
+    await clean_up_leftovers(app)
 
 
 def _write_pidfile(paths: Paths) -> None:

@@ -53,3 +53,16 @@ async def destroy_disposable(app: Any, vm: Any) -> None:
             if app.domains.get(vm.name) is vm:
                 raise
     log.info("destroyed disposable %s", vm.name)
+
+
+async def clean_up_leftovers(app: Any) -> None:
+    """At the daemon's start: the disposables a previous daemon left (it was killed
+    while they ran, or before their removal) go, with every volume.  Whoever they
+    were made for is gone, and nothing of a disposable may outlive its use."""
+    for vm in [vm for vm in app.iter_qubes() if type(vm).__name__ == "DispVM"
+               and getattr(vm, "auto_cleanup", False)]:
+        log.info("removing disposable %s, left by a previous run", vm.name)
+        try:
+            await destroy_disposable(app, vm)
+        except Exception:  # noqa: BLE001 -- one must not keep the daemon down
+            log.exception("cannot remove the leftover disposable %s", vm.name)

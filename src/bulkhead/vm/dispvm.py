@@ -47,7 +47,7 @@ class DispVM(QubesVM):
                             doc="Remove the disposable when it stops.")
 
     @handler("domain-stopped")
-    def _cleanup_on_stop(self, _subject: Any, _event: str, **_kwargs: Any) -> None:
+    def _cleanup_on_stop(self, _event: str, **_kwargs: Any) -> None:
         """With ``auto_cleanup``, a disposable that stopped (shut down, killed or
         crashed) is removed with every volume."""
         if self.auto_cleanup:

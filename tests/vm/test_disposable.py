@@ -1,0 +1,44 @@
+"""Disposables made on demand: qvm-run --dispvm, and nothing left behind."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+def disp_names(bulkhead) -> list[str]:
+    return [n for n in bulkhead.tool("qvm-ls", "--raw-list").stdout.split() if n.startswith("disp")]
+
+
+def leftovers(bulkhead, name: str) -> list[str]:
+    return [str(p) for p in (bulkhead.home / "pools").rglob("*") if f"/{name}/" in f"{p}/"]
+
+
+def test_qvm_run_dispvm_prints_and_leaves_nothing(bulkhead):
+    before = set(disp_names(bulkhead))
+    r = bulkhead.tool("qvm-run", "--dispvm", "--pass-io",
+                      "echo hi; hostname >&2; echo data > /home/user/mine")
+    assert r.stdout == "hi\n", r
+    name = r.stderr.strip().splitlines()[-1]
+    assert name.startswith("disp")
+    deadline = time.monotonic() + 60
+    while set(disp_names(bulkhead)) - before:
+        assert time.monotonic() < deadline, disp_names(bulkhead)
+        time.sleep(0.5)
+    assert leftovers(bulkhead, name) == []
+    # The next disposable of the same template starts clean.
+    r = bulkhead.tool("qvm-run", "--dispvm", "--pass-io", "cat /home/user/mine 2>&1; true")
+    assert "No such file" in r.stdout
+
+
+def test_a_disposable_left_by_a_killed_daemon_is_gone_after_its_restart(bulkhead):
+    name = bulkhead.app().call("dom0", "admin.vm.CreateDisposable").decode().strip()
+    bulkhead.tool("qvm-start", name)
+    bulkhead.kill_daemon()
+    bulkhead.start_daemon()
+    assert name not in disp_names(bulkhead)
+    assert leftovers(bulkhead, name) == []
+    assert bulkhead.run("work", "echo alive").stdout == "alive\n"
