@@ -190,6 +190,9 @@ async def _serve(paths: Paths, lifecycle_factory: LifecycleFactory | None,
     lifecycle = factory(app, paths)
     app.set_lifecycle(lifecycle)
     app.qrexec = _qrexec_router(app, paths)
+    from .disposable import Preloader
+
+    app.preloader = Preloader(app)
     log.info("lifecycle: %s", lifecycle.describe())
     await _prepare(app, lifecycle)
 
@@ -202,6 +205,7 @@ async def _serve(paths: Paths, lifecycle_factory: LifecycleFactory | None,
         loop.add_signal_handler(signum, stop.set)
     if pidfile:
         _write_pidfile(paths)
+    app.preloader.start()
     if ready_fd is not None:
         os.write(ready_fd, _READY)
     log.info("daemon ready (pid %d)", os.getpid())

@@ -10,6 +10,7 @@ its definition and every volume go.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -26,6 +27,17 @@ def _free_name(app: Any) -> str:
         if app.domains.get(name) is None and name not in getattr(app, "_creating", {}):
             return name
     raise QubesException(f"no free disposable name: {MAX_DISPID} disposables exist")
+
+
+async def get_disposable(app: Any, base: Any) -> Any:
+    """A disposable of ``base`` for a caller: a preloaded one, running, if there is
+    one ready (see :class:`Preloader`), else a new one, halted."""
+    preloader = getattr(app, "preloader", None)
+    vm = preloader.take(base) if preloader is not None else None
+    if vm is None:
+        return await create_disposable(app, base)
+    await vm.unpause()
+    return vm
 
 
 async def create_disposable(app: Any, base: Any) -> Any:
@@ -66,3 +78,116 @@ async def clean_up_leftovers(app: Any) -> None:
             await destroy_disposable(app, vm)
         except Exception:  # noqa: BLE001 -- one must not keep the daemon down
             log.exception("cannot remove the leftover disposable %s", vm.name)
+
+
+# --- preloaded disposables (Qubes 4.3) ------------------------------------------------------
+#
+# The feature ``preload-dispvm-max`` of a disposable template asks for that many
+# disposables kept started and paused; its feature ``preload-dispvm`` lists them
+# (space-separated, oldest first), and each carries ``preload-dispvm-completed``
+# once it is ready.  A request takes the oldest ready one -- taken off the list
+# before anything awaits, so it is never handed out twice -- unpauses it, and a
+# refill starts in the background.  When the template's volumes change (it
+# stopped: its commit is the new source), the preloads were snapshots of the old
+# ones: they are destroyed and made again.
+
+MAX_FEATURE = "preload-dispvm-max"
+LIST_FEATURE = "preload-dispvm"
+DONE_FEATURE = "preload-dispvm-completed"
+
+
+def _preloads(base: Any) -> list[str]:
+    return (base.features.get(LIST_FEATURE, "") or "").split()
+
+
+def _wanted(base: Any) -> int:
+    try:
+        return max(0, min(int(base.features.get(MAX_FEATURE, "0") or "0"), 16))
+    except ValueError:
+        return 0
+
+
+class Preloader:
+    """Keeps each disposable template's preloads (one per daemon)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._filling: dict[str, asyncio.Task[None]] = {}
+        app.add_observer(self._observe)
+
+    def _set_list(self, base: Any, names: list[str]) -> None:
+        with self.app.transaction():
+            if names:
+                base.features[LIST_FEATURE] = " ".join(names)
+            elif LIST_FEATURE in base.features:
+                del base.features[LIST_FEATURE]
+
+    def take(self, base: Any) -> Any | None:
+        """A ready preload of ``base``, off the list (the caller unpauses it), or None."""
+        for name in _preloads(base):
+            vm = self.app.domains.get(name)
+            if vm is not None and vm.features.get(DONE_FEATURE, "") and vm.is_paused():
+                self._set_list(base, [n for n in _preloads(base) if n != name])
+                with self.app.transaction():
+                    del vm.features[DONE_FEATURE]
+                self.schedule(base)
+                return vm
+        return None
+
+    def schedule(self, base: Any) -> None:
+        task = self._filling.get(base.name)
+        if task is None or task.done():
+            self._filling[base.name] = asyncio.ensure_future(self._fill(base))
+
+    async def _fill(self, base: Any) -> None:
+        try:
+            while self.app.domains.get(base.name) is base:
+                names = [n for n in _preloads(base) if self.app.domains.get(n) is not None]
+                if len(names) > _wanted(base):
+                    extra = self.app.domains[names.pop()]
+                    self._set_list(base, names)
+                    await destroy_disposable(self.app, extra)
+                    continue
+                if len(names) == _wanted(base) or not base.is_halted():
+                    self._set_list(base, names)
+                    return  # full; or the template runs: its volumes are about to change
+                vm = await create_disposable(self.app, base)
+                self._set_list(base, names + [vm.name])
+                try:
+                    await vm.start()
+                    await vm.pause()
+                except Exception:  # noqa: BLE001 -- logged; a later refill tries again
+                    log.exception("preloading a disposable of %s failed", base.name)
+                    self._set_list(base, [n for n in _preloads(base) if n != vm.name])
+                    await destroy_disposable(self.app, vm)
+                    return
+                with self.app.transaction():
+                    vm.features[DONE_FEATURE] = "1"
+                log.info("preloaded disposable %s of %s", vm.name, base.name)
+        except Exception:  # noqa: BLE001 -- the daemon goes on; the next event retries
+            log.exception("keeping the preloaded disposables of %s failed", base.name)
+
+    async def refresh(self, base: Any) -> None:
+        """The template's volumes changed: its preloads are stale."""
+        stale = _preloads(base)
+        self._set_list(base, [])
+        for name in stale:
+            vm = self.app.domains.get(name)
+            if vm is not None:
+                await destroy_disposable(self.app, vm)
+        self.schedule(base)
+
+    def _observe(self, subject: Any, event: str, kwargs: dict[str, Any]) -> None:
+        if not getattr(subject, "template_for_dispvms", False):
+            return
+        if event in (f"domain-feature-set:{MAX_FEATURE}", f"domain-feature-delete:{MAX_FEATURE}"):
+            self.schedule(subject)
+        elif event == "domain-shutdown" and _preloads(subject):
+            asyncio.ensure_future(self.refresh(subject))
+
+    def start(self) -> None:
+        """At the daemon's start: fill every template that asks for preloads."""
+        for vm in list(self.app.iter_qubes()):
+            if getattr(vm, "template_for_dispvms", False) and (_wanted(vm) or _preloads(vm)):
+                self._set_list(vm, [])   # the old ones went with clean_up_leftovers
+                self.schedule(vm)

@@ -42,3 +42,35 @@ def test_a_disposable_left_by_a_killed_daemon_is_gone_after_its_restart(bulkhead
     assert name not in disp_names(bulkhead)
     assert leftovers(bulkhead, name) == []
     assert bulkhead.run("work", "echo alive").stdout == "alive\n"
+
+
+def test_preloaded_disposables_are_ready_handed_out_once_and_refilled(bulkhead):
+    bulkhead.tool("qvm-features", "default-dvm", "preload-dispvm-max", "1")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            names = bulkhead.tool("qvm-features", "default-dvm", "preload-dispvm",
+                                  check=False).stdout.split()
+            if names and bulkhead.state(names[0]) == "Paused" and bulkhead.tool(
+                    "qvm-features", names[0], "preload-dispvm-completed", check=False).stdout:
+                break
+            assert time.monotonic() < deadline, "no preload became ready"
+            time.sleep(0.5)
+        preload = names[0]
+        r = bulkhead.tool("qvm-run", "--dispvm", "--pass-io", "hostname")
+        assert r.stdout.strip() == preload          # the request took the ready one...
+        deadline = time.monotonic() + 120
+        while True:                                  # ...and a refill made a new one
+            names = bulkhead.tool("qvm-features", "default-dvm", "preload-dispvm",
+                                  check=False).stdout.split()
+            if names and names[0] != preload:
+                break
+            assert time.monotonic() < deadline, "no refill"
+            time.sleep(0.5)
+        assert preload not in disp_names(bulkhead) or bulkhead.state(preload) != "Running"
+    finally:
+        bulkhead.tool("qvm-features", "--unset", "default-dvm", "preload-dispvm-max")
+    deadline = time.monotonic() + 60
+    while disp_names(bulkhead):
+        assert time.monotonic() < deadline, f"preloads left: {disp_names(bulkhead)}"
+        time.sleep(0.5)

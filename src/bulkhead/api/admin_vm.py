@@ -137,8 +137,9 @@ async def vm_current_state(call: Call) -> str:
 async def create_disposable(call: Call) -> str:
     """A new disposable of the destination's disposable template (its
     ``default_dispvm``; on dom0 the global one, or the destination itself if it
-    is a disposable template); its name.  It is removed once it stops."""
-    from ..disposable import create_disposable as make
+    is a disposable template); its name.  A preloaded one (running) if one is ready,
+    else a new one (halted).  It is removed once it stops."""
+    from ..disposable import get_disposable as make
 
     dest = call.dest
     if getattr(dest, "template_for_dispvms", False):

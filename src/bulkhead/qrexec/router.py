@@ -123,14 +123,15 @@ class Router:
         """The qube to run the service in, started; and whether it is a disposable made now."""
         name = decision.target
         if name.startswith("@dispvm:"):
-            from ..disposable import create_disposable
+            from ..disposable import get_disposable
 
             base = self.app.domains.get(name[len("@dispvm:"):])
             if base is None:
                 raise Refused(f"no disposable template {name[8:]!r}")
-            vm = await create_disposable(self.app, base)
+            vm = await get_disposable(self.app, base)   # a preloaded one if ready
             try:
-                await vm.start()
+                if vm.is_halted():
+                    await vm.start()
             except Exception as e:  # noqa: BLE001 -- reported to the caller
                 await self._destroy(vm)
                 raise Refused(f"the disposable could not start: {e}") from None
