@@ -74,3 +74,17 @@ def test_preloaded_disposables_are_ready_handed_out_once_and_refilled(bulkhead):
     while disp_names(bulkhead):
         assert time.monotonic() < deadline, f"preloads left: {disp_names(bulkhead)}"
         time.sleep(0.5)
+
+
+def test_a_named_disposable_keeps_its_definition_and_loses_its_data(bulkhead):
+    bulkhead.tool("qvm-create", "-C", "DispVM", "-t", "default-dvm", "-l", "red",
+                  "--prop", "netvm=", "mydisp")
+    try:
+        bulkhead.run("mydisp", "echo secret > /home/user/note")
+        bulkhead.tool("qvm-shutdown", "--wait", "mydisp", timeout=120)
+        assert "mydisp" in bulkhead.tool("qvm-ls", "--raw-list").stdout.split()
+        r = bulkhead.run("mydisp", "cat /home/user/note 2>&1; true")
+        assert "No such file" in r.stdout
+    finally:
+        bulkhead.tool("qvm-kill", "mydisp", check=False)
+        bulkhead.tool("qvm-remove", "-f", "mydisp", check=False)
