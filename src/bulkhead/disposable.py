@@ -3,15 +3,16 @@
 A disposable is a :class:`~bulkhead.vm.dispvm.DispVM` of a disposable template
 (an AppVM with ``template_for_dispvms``): its root and private are snapshots of
 the template's, its volatile fresh (:func:`bulkhead.vm.volumes.dispvm_layout`),
-so nothing it does outlives it.  It is named ``dispN`` (Qubes' ``dispNNNN``),
-N the lowest number no qube uses, and carries ``auto_cleanup``: when it halts,
-its definition and every volume go.
+so nothing it does outlives it.  It is named ``dispNNNN`` after its ``dispid``, a
+number from 1 to 9999 no other disposable has, chosen at random as in Qubes, and
+carries ``auto_cleanup``: when it halts, its definition and every volume go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import Any
 
 from .errors import QubesException, QubesValueError
@@ -21,12 +22,16 @@ log = logging.getLogger(__name__)
 MAX_DISPID = 9999
 
 
-def _free_name(app: Any) -> str:
-    for n in range(1, MAX_DISPID + 1):
-        name = f"disp{n}"
-        if app.domains.get(name) is None and name not in getattr(app, "_creating", {}):
-            return name
-    raise QubesException(f"no free disposable name: {MAX_DISPID} disposables exist")
+def _free_dispid(app: Any) -> int:
+    """A number no disposable uses, chosen at random as Qubes does (a name that says
+    nothing of how many disposables came before)."""
+    taken = {getattr(vm, "dispid", 0) for vm in app.iter_qubes()}
+    creating = getattr(app, "_creating", {})
+    free = [n for n in range(1, MAX_DISPID + 1) if n not in taken
+            and app.domains.get(f"disp{n}") is None and f"disp{n}" not in creating]
+    if not free:
+        raise QubesException(f"no free disposable number: {MAX_DISPID} disposables exist")
+    return random.SystemRandom().choice(free)
 
 
 async def get_disposable(app: Any, base: Any) -> Any:
@@ -45,9 +50,11 @@ async def create_disposable(app: Any, base: Any) -> Any:
     if not getattr(base, "template_for_dispvms", False):
         raise QubesValueError(f"{base.name!r} is not a disposable template "
                               f"(template_for_dispvms is False)")
-    vm = await app.create_vm("DispVM", name=_free_name(app), label=base.label, template=base,
+    dispid = _free_dispid(app)
+    vm = await app.create_vm("DispVM", name=f"disp{dispid}", label=base.label, template=base,
                              tags=("created-by-dom0", "disposable"))
     with app.transaction():
+        vm.dispid = dispid
         vm.auto_cleanup = True
     log.info("made disposable %s of %s", vm.name, base.name)
     return vm

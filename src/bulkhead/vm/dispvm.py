@@ -45,6 +45,9 @@ class DispVM(QubesVM):
                            "disposable template's netvm.")
     auto_cleanup = Property(type=bool, default=False,
                             doc="Remove the disposable when it stops.")
+    dispid = Property(type=int, write_once=True, default=0,
+                      doc="The number of a disposable made on demand (its name is "
+                          "dispNNNN; its address, once qubes have networks, derives from it).")
 
     @handler("domain-stopped")
     def _cleanup_on_stop(self, _event: str, **_kwargs: Any) -> None:
