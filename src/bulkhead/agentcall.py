@@ -1,0 +1,178 @@
+"""One call on a qube's agent link: a command or service dom0 runs in the qube, or a
+qrexec call the qube makes (see :mod:`bulkhead.agentlink` for the link itself).
+
+A call holds what the guest sent it -- bounded by the credit dom0 granted,
+counted in bytes, one buffer per stream whatever the frames' sizes -- until
+its consumer takes it, and sends what dom0 has for the guest only as far as
+the guest's credit allows.  Everything here is driven by the link's read loop
+(for what arrives) and by the call's consumer (for what leaves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+from typing import TYPE_CHECKING, Union
+
+from .errors import QubesException
+from .guest import protocol as P
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .agentlink import AgentLink
+
+
+class AgentLinkError(QubesException):
+    """The guest agent could not be reached, or broke the protocol."""
+
+
+# What a call yields: ("stdout"|"stderr", bytes) -- for a call the qube made, ("stdin",
+# bytes) and ("eof", "stdin") --, ("error", str) and finally ("exit", int)
+CallEvent = tuple[str, Union[bytes, str, int]]
+
+
+# What a call's guest sends, by who opened the call: dom0 (a command or service
+# dom0 runs in the qube) or the guest (a qrexec call the qube makes).
+_FROM_GUEST = {False: (P.STDOUT, P.STDERR), True: (P.STDIN,)}
+STREAM_KIND = {P.STDOUT: "stdout", P.STDERR: "stderr", P.STDIN: "stdin"}
+
+
+class Call:
+    """One call on one channel of the link: a command or service dom0 runs in the
+    qube, or (``inbound``) a qrexec call the qube makes to another qube.
+
+    What the guest sends (output; for an inbound call, its input) is kept as
+    one byte buffer per stream (bounded by the credit dom0 granted,
+    :data:`~bulkhead.guest.protocol.WINDOW`); ERROR and EXIT (and, inbound,
+    the end of the guest's input) wait in a short queue behind it, so the
+    exit code comes after the last output.
+    """
+
+    def __init__(self, link: "AgentLink", chan: int, inbound: bool = False) -> None:
+        self.link = link
+        self.chan = chan
+        self.inbound = inbound
+        self._out = {mtype: bytearray() for mtype in _FROM_GUEST[inbound]}
+        self._tail: collections.deque[CallEvent] = collections.deque()  # error, exit, eof
+        self._wake = asyncio.Event()
+        self.send_credit = P.WINDOW           # bytes we may still send the guest on this call
+        self.recv_granted = P.WINDOW          # bytes the guest may still send us on this call
+        self.credit_event = asyncio.Event()
+        self.open_streams = set(_FROM_GUEST[inbound])
+        self.done = False
+        self.abandoned = False
+        self.error_seen = False
+        self.exit_code: int | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for this call (what it costs dom0's memory)."""
+        return sum(len(buf) for buf in self._out.values())
+
+    async def write(self, data: bytes, mtype: int = P.STDIN) -> None:
+        """Send data (stdin; for an inbound call, STDOUT or STDERR), waiting for
+        credit so that the guest never buffers without bound.
+
+        The wait has no deadline of its own (a command may read its input late):
+        whoever calls this must cancel it when its client goes away.
+        """
+        view = memoryview(data)
+        while view:
+            while self.send_credit <= 0:
+                if self.done:
+                    return
+                self.credit_event.clear()
+                await self.credit_event.wait()
+            n = min(len(view), self.send_credit, P.MAX_PAYLOAD)
+            self.send_credit -= n
+            await self.link.send(mtype, self.chan, bytes(view[:n]))
+            view = view[n:]
+
+    async def close_stdin(self) -> None:
+        if not self.done:
+            await self.link.send(P.STDIN, self.chan, b"")
+
+    async def signal(self, signum: int) -> None:
+        if not self.done:
+            await self.link.send(P.SIGNAL, self.chan, P.u32(signum))
+
+    async def hang_up(self, grace: float) -> None:
+        """The caller went away: tell the command, as a closed terminal would (SIGHUP,
+        end of input); SIGKILL if it has not ended ``grace`` seconds later.  A guest
+        that ignores even that keeps the channel, which counts against that qube's
+        own limit of calls (and costs dom0 nothing)."""
+        try:
+            await self.signal(signal.SIGHUP)
+            await self.close_stdin()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            while not self.done and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            await self.signal(signal.SIGKILL)
+        except AgentLinkError:
+            pass  # the qube or its link is gone too
+
+    async def finish(self, code: int, error: str | None = None) -> None:
+        """End an inbound call: its output streams end, then ERROR (if any) and EXIT."""
+        assert self.inbound
+        if self.done:
+            return
+        self.done = True
+        self.link._retire(self)
+        try:
+            if error:
+                await self.link.send(P.ERROR, self.chan, error.encode()[:P.PAYLOAD_LIMIT[P.ERROR]])
+            await self.link.send(P.STDOUT, self.chan, b"")
+            await self.link.send(P.STDERR, self.chan, b"")
+            await self.link.send(P.EXIT, self.chan, P.i32(code))
+        except AgentLinkError:
+            pass  # the caller's link is gone: nobody to tell
+
+    async def next_event(self) -> CallEvent:
+        """The next output (up to one frame's worth), error or exit.
+
+        Consuming output grants the guest as much credit again.
+        """
+        while True:
+            for mtype, buf in self._out.items():
+                if buf:
+                    chunk = bytes(buf[:P.MAX_PAYLOAD])
+                    del buf[:len(chunk)]
+                    if not self.done:
+                        self.recv_granted += len(chunk)
+                        try:
+                            await self.link.send(P.CREDIT, self.chan, P.u32(len(chunk)))
+                        except AgentLinkError:
+                            pass  # the link closed: _fail queued the error and exit
+                    return STREAM_KIND[mtype], chunk
+            if self._tail:
+                return self._tail.popleft()
+            self._wake.clear()
+            await self._wake.wait()
+
+    def abandon(self) -> None:
+        """Nobody reads this call any more: drop its output and grant the guest no more credit.
+
+        The call keeps its channel until the guest ends it (the caller hangs the
+        command up); until then what the guest sends is counted against its
+        credit and discarded, so it costs dom0 no memory.
+        """
+        self.abandoned = True
+        for buf in self._out.values():
+            buf.clear()
+
+    def _output(self, mtype: int, untrusted_data: bytes) -> None:
+        if not self.abandoned:
+            self._out[mtype] += untrusted_data
+            self._wake.set()
+
+    def _event(self, event: CallEvent) -> None:
+        self._tail.append(event)
+        self._wake.set()
+
+    def _fail(self, message: str) -> None:
+        if not self.done:
+            self.done = True
+            self.credit_event.set()
+            self._event(("error", message))
+            self._event(("exit", 255))
