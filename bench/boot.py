@@ -8,6 +8,8 @@ Prints:
 - cold start: ``admin.vm.Start`` of an AppVM until it returns, i.e. volumes
   prepared, QEMU launched, kernel booted, init run and the guest agent's HELLO;
 - their ratio;
+- the cold start again on a second instance whose daemon runs QEMU unjailed
+  (``BULKHEAD_JAIL=0``): the jail's cost (goal <= 1.10 x unjailed);
 - the median round trip of running ``true`` in the running qube through the
   Admin API (``bulkhead.vm.Run``), and of the ``qvm-run`` command as a whole;
 - QEMU's memory beyond the guest's RAM: RSS, and PSS (libraries shared by all
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchInstance, median_ms, spread  # noqa: E402
 
 from bulkhead.backend.accel import detect, host_tsc_khz  # noqa: E402
-from bulkhead.backend.qemu import TCG_TB_SIZE_MIB  # noqa: E402
+from bulkhead.backend.qemu_argv import TCG_TB_SIZE_MIB  # noqa: E402
 from bulkhead.setup import initramfs  # noqa: E402
 
 QUBE = "bench-vm"
@@ -115,6 +117,7 @@ def main() -> int:
     args = ap.parse_args()
 
     inst = BenchInstance("boot")
+    bare_inst = BenchInstance("boot-unjailed", env={"BULKHEAD_JAIL": "0"})
     try:
         app = inst.app()
         kernel_version = app.default_kernel
@@ -124,10 +127,14 @@ def main() -> int:
         inst.tool("qvm-create", "-t", "debian-12", "-l", "green", "--prop", "netvm=",
                   "--prop", f"memory={MEMORY_MIB}", QUBE)
         vm = app.domains[QUBE]
-        vm.start()           # first start formats the private volume: not a cold start
-        vm.shutdown(wait=True)
+        bare_inst.tool("qvm-create", "-t", "debian-12", "-l", "green", "--prop", "netvm=",
+                       "--prop", f"memory={MEMORY_MIB}", QUBE)
+        unjailed_vm = bare_inst.app().domains[QUBE]
+        for v in (vm, unjailed_vm):
+            v.start()        # first start formats the private volume: not a cold start
+            v.shutdown(wait=True)
 
-        bare, cold, phases = [], [], []
+        bare, cold, unjailed, phases = [], [], [], []
         for _ in range(args.runs):
             bare.append(bare_boot(kernel, initrd, accel.name))
             t = time.monotonic()
@@ -135,6 +142,10 @@ def main() -> int:
             cold.append(time.monotonic() - t)
             phases.append(guest_timeline(vm))
             vm.shutdown(wait=True)   # clean: a kill would leave the next boot a journal to replay
+            t = time.monotonic()
+            unjailed_vm.start()
+            unjailed.append(time.monotonic() - t)
+            unjailed_vm.shutdown(wait=True)
 
         vm.start()
         for _ in range(5):
@@ -160,6 +171,8 @@ def main() -> int:
         print(f"bare kernel+initramfs boot:        {spread(bare)}")
         print(f"qube cold start to agent-ready:    {spread(cold)}   (goal <= 2500 ms)")
         print(f"ratio cold start / bare boot:      {c / b:.2f}   (goal <= 1.50)")
+        print(f"cold start, QEMU unjailed:         {spread(unjailed)}")
+        print(f"ratio jailed / unjailed:           {c / median_ms(unjailed):.2f}   (goal <= 1.10)")
         names = ["init starts", "init done", "agent starts", "agent ready"]
         med = [statistics.median(p[i] for p in phases) for i in range(4)]
         print("  guest timeline (median, s since the kernel started): " +
@@ -174,6 +187,7 @@ def main() -> int:
         return 0
     finally:
         inst.close()
+        bare_inst.close()
 
 
 if __name__ == "__main__":

@@ -25,14 +25,16 @@ BIN = Path(sys.executable).parent
 
 
 class BenchInstance:
-    def __init__(self, name: str, default_qubes: bool = False) -> None:
+    def __init__(self, name: str, default_qubes: bool = False,
+                 env: dict[str, str] | None = None) -> None:
+        """``env``: more environment for this instance's daemon (``BULKHEAD_JAIL=0``...)."""
         self.home = Path(os.environ.get("BULKHEAD_BENCH_ROOT", "/var/tmp/bulkhead-bench")) / name
         shutil.rmtree(self.home, ignore_errors=True)
         self.home.mkdir(parents=True)
         self.env = dict(os.environ, BULKHEAD_HOME=str(self.home),
                         BULKHEAD_SOCKET=str(self.home / "qubesd.sock"),
                         BULKHEAD_CACHE=os.environ.get("BULKHEAD_CACHE", "/var/cache/bulkhead"),
-                        PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+                        PATH=f"{BIN}:{os.environ.get('PATH', '')}", **(env or {}))
         self.paths = Paths.from_env(self.env)
         argv = [str(BIN / "bulkhead"), "setup", "--no-install"]
         if not default_qubes:
@@ -62,6 +64,10 @@ class BenchInstance:
                        capture_output=True)
         shutil.rmtree(self.paths.run, ignore_errors=True)
         shutil.rmtree(self.home, ignore_errors=True)
+        from bulkhead.backend import cgroup   # the qubes' cgroups, killed behind the daemon
+        hierarchy = cgroup.detect()
+        if hierarchy is not None:
+            hierarchy.remove_instance(self.paths.run.name)
 
 
 def median_ms(values: list[float]) -> float:

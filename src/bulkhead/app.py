@@ -224,9 +224,14 @@ class App(PropertyHolder):
         the pool of dom0's qube kernels."""
         if DEFAULT_POOL not in self.pools:
             config = {}
+            driver = "file"
             if self.paths is not None:
                 config["dir_path"] = str(self.paths.pools / DEFAULT_POOL)
-            self.pools.define(DEFAULT_POOL, "file", config)
+                # As Qubes' installer does: on btrfs or XFS, copies share extents.
+                from .storage.reflink_pool import reflink_supported
+                if reflink_supported(self.paths.pools / DEFAULT_POOL):
+                    driver = "file-reflink"
+            self.pools.define(DEFAULT_POOL, driver, config)
         if KERNEL_POOL not in self.pools and self.paths is not None:
             self.pools.define(KERNEL_POOL, "linux-kernel", {"dir_path": str(self.paths.vm_kernels)})
         if "dom0" not in self.domains:

@@ -93,7 +93,30 @@ def info(paths: Paths) -> int:
         print(f"template:  debian-12 image {template.image_key()}")
     except Exception as e:  # noqa: BLE001 -- info must always print what it can
         print(f"(incomplete: {e})")
+    if daemon_answers(paths):
+        _print_pools(paths)
     return 0
+
+
+def _print_pools(paths: Paths) -> None:
+    """Each pool's usage, flagged past the daemon's warning threshold."""
+    from .client.app import App
+    from .client.connection import Connection
+    from .storage.monitor import WARN_FRACTION
+    try:
+        app = App(Connection(str(paths.socket)))
+        for pool in app.pools.values():
+            name, config = pool.name, pool.config
+            size, used = int(config.get("size") or 0), int(config.get("usage") or 0)
+            if not size:
+                continue
+            line = (f"pool:      {name} ({config.get('driver', '?')}) {used / 2**30:.2f} of "
+                    f"{size / 2**30:.2f} GiB used ({used * 100 // size} %)")
+            if used >= WARN_FRACTION * size:
+                line += f"  WARNING: over {WARN_FRACTION * 100:.0f} %: qubes that write more will be paused"
+            print(line)
+    except Exception as e:  # noqa: BLE001 -- info must always print what it can
+        print(f"pools:     (cannot ask the daemon: {e})")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,9 @@ async def _serve(paths: Paths, lifecycle_factory: LifecycleFactory | None,
         loop.add_signal_handler(signum, stop.set)
     if pidfile:
         _write_pidfile(paths)
-    app.preloader.start()
+    # Serving already (a client sees them Transient), but "ready" only once they run.
+    await _autostart(app)
+    app.preloader.start()   # after autostart: preloads wait for the netvms
     if ready_fd is not None:
         os.write(ready_fd, _READY)
     log.info("daemon ready (pid %d)", os.getpid())
@@ -214,6 +216,9 @@ async def _serve(paths: Paths, lifecycle_factory: LifecycleFactory | None,
         log.info("stopping: the qubes keep running and are adopted at the next start")
     finally:
         await server.close()
+        close = getattr(lifecycle, "close", None)
+        if close is not None:   # background storage work (merges) stops; qubes run on
+            await close()
         store.close()
         if pidfile:
             _remove_pidfile(paths)
@@ -245,6 +250,20 @@ async def _prepare(app: "App", lifecycle: "Lifecycle") -> None:
     from .disposable import clean_up_leftovers
 
     await clean_up_leftovers(app)
+
+
+async def _autostart(app: "App") -> None:
+    """Start the halted qubes with ``autostart=True``, side by side (Qubes starts
+    sys-net and sys-firewall so at boot); one failing does not hold the others."""
+    qubes = [vm for vm in app.iter_qubes()
+             if getattr(vm, "autostart", False) and vm.klass != "AdminVM" and vm.is_halted()]
+    if not qubes:
+        return
+    log.info("autostart: %s", " ".join(vm.name for vm in qubes))
+    results = await asyncio.gather(*(vm.start() for vm in qubes), return_exceptions=True)
+    for vm, r in zip(qubes, results):
+        if isinstance(r, BaseException):
+            log.error("autostart of %s failed: %s", vm.name, r)
 
 
 def _write_pidfile(paths: Paths) -> None:

@@ -29,6 +29,7 @@ from .errors import (BackendError, QubesException, QubesVMError, QubesVMNotHalte
                      QubesVMNotPausedError, QubesVMNotRunningError, QubesVMNotStartedError,
                      QubesVMShutdownTimeoutError, StoragePoolException)
 from .ratelimit import qube_log
+from .storage.monitor import DiskMonitor
 from .storage.pool import Pool, Volume, VolumeConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,6 +59,10 @@ class QemuLifecycle:
         self._stopped: dict[str, asyncio.Future[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._volume_locks: dict[str, asyncio.Lock] = {}
+        # A stop whose volumes could not all be committed: the one line to tell whoever
+        # waits for that stop (qvm-shutdown --wait, qvm-kill).
+        self._stop_errors: dict[str, str] = {}
+        self.disk_monitor = DiskMonitor(app)
 
     # --- the backend, created on first use (detecting KVM boots a kernel) ------
     @property
@@ -179,6 +184,8 @@ class QemuLifecycle:
             raise QubesVMNotHaltedError(vm, f"Domain is already running: {name!r}")
         self.starting.add(name)
         self.crashed.discard(name)
+        self._stop_errors.pop(name, None)
+        self.disk_monitor.ensure_running()
         started: list[Volume] = []
         try:
             extra: dict[str, str] = {}
@@ -198,6 +205,7 @@ class QemuLifecycle:
             self._stopped[name] = asyncio.get_running_loop().create_future()
             machine = await self.backend.start(spec, self._on_exit)
             self.machines[name] = machine
+            self._watch_disk_errors(vm, machine)
             link = AgentLink(name, str(machine.agent_socket), on_call=self._on_call)
             self.links[name] = link
             try:
@@ -246,19 +254,27 @@ class QemuLifecycle:
             link.close("start failed")
         await self._stop_volumes(vm, started)
 
-    async def _stop_volumes(self, vm: "QubesVM", volumes: list[Volume]) -> None:
+    async def _stop_volumes(self, vm: "QubesVM", volumes: list[Volume]) -> str | None:
         """Commit or discard each volume; one failing does not keep the others from stopping.
 
         A start that fails after QEMU was launched is undone both here and by the
         machine's exit handling; the lock makes the second pass find nothing to do
-        instead of committing the same copy twice at once.
+        instead of committing the same copy twice at once.  A volume that cannot be
+        committed keeps its started copy (the next start runs on it); the failure is
+        returned as one line naming the qube and the volume, and logged.
         """
         async with self._volume_locks.setdefault(vm.name, asyncio.Lock()):
             results = await asyncio.gather(*(vol.stop() for vol in volumes),
                                            return_exceptions=True)
+        failures = []
         for vol, r in zip(volumes, results):
             if isinstance(r, BaseException):
                 log.error("qube %s: cannot stop volume %s: %s", vm.name, vol.name, r)
+                failures.append(f"volume {vol.name}: {r}")
+        if not failures:
+            return None
+        return (f"qube {vm.name!r} stopped, but its changes are not committed ("
+                + "; ".join(failures) + "); they are kept and its next start runs on them")
 
     # --- exits ---------------------------------------------------------------
     def _on_exit(self, name: str, reason: ExitReason) -> None:
@@ -276,7 +292,15 @@ class QemuLifecycle:
             self.crashed.add(name)
         try:
             if vm is not None:
-                await self._stop_volumes(vm, self.volumes(vm))
+                failure = await self._stop_volumes(vm, self.volumes(vm))
+                if failure is not None:
+                    self._stop_errors[name] = failure
+                    # Before domain-shutdown, so that a client waiting for that event
+                    # (qvm-shutdown --wait) has the reason when it sees the stop.
+                    try:
+                        vm.fire_event("domain-commit-failed", message=failure)
+                    except Exception:  # noqa: BLE001 -- the stop must still be announced
+                        log.exception("qube %s: announcing the failed commit failed", name)
         finally:
             fut = self._stopped.pop(name, None)
             if fut is not None and not fut.done():
@@ -290,6 +314,9 @@ class QemuLifecycle:
         fut = self._stopped.get(vm.name)
         if fut is not None:
             await asyncio.shield(fut)
+        failure = self._stop_errors.pop(vm.name, None)
+        if failure is not None:
+            raise StoragePoolException(failure)
 
     # --- stop ------------------------------------------------------------------
     async def shutdown(self, vm: "QubesVM", force: bool = False, wait: bool = False,
@@ -347,6 +374,88 @@ class QemuLifecycle:
         await machine.kill()
         await self._wait_stopped(vm)
 
+    async def close(self) -> None:
+        """At daemon exit, before the event loop ends: stop the background storage work
+        (a merge cut short is redone by the next daemon); the qubes keep running."""
+        self.disk_monitor.stop()
+        for name in list(self.app.pools):
+            cancel_all = getattr(self.app.pools[name], "cancel_merges", None)
+            if cancel_all is not None:
+                await cancel_all()
+
+    # --- disks while the qube runs ------------------------------------------------------
+    def _watch_disk_errors(self, vm: "QubesVM", machine: Machine) -> None:
+        """A write that hit a full host disk paused the machine (werror=enospc): say so."""
+        name = vm.name
+
+        def paused_on_error(device: str, reason: str, nospace: bool) -> None:
+            if self.machines.get(name) is not machine or name in self.paused:
+                return
+            self.paused.add(name)
+            pool = ""
+            if device in vm.volume_config:
+                pool = vm.volume_config[device].pool
+            why = "no space left" if nospace else "disk write failed"
+            log.warning("qube %s paused: %s on volume %s (pool %s): %s; free space, "
+                        "then `qvm-unpause %s`", name, why, device or "?", pool or "?",
+                        reason, name)
+            try:
+                vm.fire_event("domain-paused", reason="no-space" if nospace else "io-error",
+                              volume=device, pool=pool)
+            except Exception:  # noqa: BLE001 -- called from the machine's event follower
+                log.exception("qube %s: announcing its pause failed", name)
+
+        machine.on_block_error = paused_on_error
+
+    async def resize_volume(self, vm: "QubesVM", name: str, size: int) -> None:
+        """Grow a volume; while the qube runs, live: QEMU grows the disk
+        (``block_resize``), then the qube grows its filesystem (Qubes' qubes.ResizeDisk)."""
+        vol = self.volume(vm, name)
+        if size < vol.size:
+            raise StoragePoolException(
+                f"qube {vm.name!r}: volume {name} cannot shrink ({size} < {vol.size} bytes): "
+                "data could be lost; make a new, smaller qube and copy the data instead")
+        machine = self.machines.get(vm.name)
+        if machine is None or not machine.is_alive() or not vol.is_dirty():
+            await vol.resize(size)
+            return
+        if not vol.config.save_on_stop or vol.config.snap_on_start:
+            raise StoragePoolException(
+                f"qube {vm.name!r}: volume {name} is thrown away at shutdown; resize it "
+                "while the qube is halted")
+        await machine.block_resize(name, size)
+        grown = getattr(vol, "grown_live", None)
+        if grown is not None:
+            grown(size)
+        if name == "private":
+            await self._grow_private_fs(vm, vol)
+
+    async def _grow_private_fs(self, vm: "QubesVM", vol: Volume) -> None:
+        try:
+            link = await self.agent(vm, timeout=10.0)
+            call = await link.exec("root", "/sbin/resize2fs /dev/vdb")
+            await call.close_stdin()
+            output = b""
+            while True:
+                kind, value = await asyncio.wait_for(call.next_event(), 120)
+                if kind in ("stdout", "stderr") and isinstance(value, bytes):
+                    output = (output + value)[-2000:]
+                elif kind == "exit":
+                    if value != 0:
+                        # The qube's words: shown, so printable characters only, and few.
+                        said = "".join(c if c.isprintable() else " " for c in
+                                       output.decode(errors="replace")).strip()[-200:]
+                        raise QubesVMError(vm, said or f"exit status {value}")
+                    return
+        except (QubesException, AgentLinkError, asyncio.TimeoutError, OSError) as e:
+            # The disk did grow; the filesystem grows at the next start instead.
+            mark = getattr(vol, "mark_fs_resize", None)
+            if mark is not None:
+                mark()
+            raise StoragePoolException(
+                f"qube {vm.name!r}: volume private was grown, but the qube could not grow its "
+                f"filesystem now ({e}); it will at its next start") from e
+
     async def pause(self, vm: "QubesVM") -> None:
         if self.power_state(vm) != PowerState.RUNNING:
             raise QubesVMNotRunningError(vm)
@@ -373,7 +482,8 @@ class QemuLifecycle:
             cputime = ticks * 10**9 // os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             cputime = 0
-        return {"mem": static_max, "mem_static_max": static_max, "cputime": cputime}
+        return {"mem": host_memory_kib(pid) or static_max, "mem_static_max": static_max,
+                "cputime": cputime}
 
     # --- daemon start ------------------------------------------------------------
     async def adopt(self, vm: "QubesVM") -> bool:
@@ -381,6 +491,7 @@ class QemuLifecycle:
         if machine is None:
             # Not running: settle whatever a previous run left started
             # (commit a dirty private, drop stale snapshots).
+            self.disk_monitor.ensure_running()
             for vol in self.volumes(vm):
                 if vol.is_dirty():
                     log.info("qube %s: settling volume %s left started by a previous run",
@@ -389,8 +500,15 @@ class QemuLifecycle:
                         await vol.stop()
                     except QubesException as e:
                         log.error("qube %s: cannot settle volume %s: %s", vm.name, vol.name, e)
+                else:
+                    # A merge a previous daemon did not finish is picked up again.
+                    schedule = getattr(vol.pool, "schedule_merge", None)
+                    if schedule is not None and vol.config.save_on_stop \
+                            and not vol.config.snap_on_start:
+                        await schedule(vol)
             return False
         self.machines[vm.name] = machine
+        self._watch_disk_errors(vm, machine)
         self._stopped[vm.name] = asyncio.get_running_loop().create_future()
         self._announce.add(vm.name)
         if await machine.is_paused():
@@ -399,6 +517,20 @@ class QemuLifecycle:
         self.links[vm.name] = AgentLink(vm.name, str(machine.agent_socket),
                                         on_call=self._on_call)
         return True
+
+
+def host_memory_kib(pid: int) -> int:
+    """What a qube really holds on the host now (Qubes' MEM): its QEMU's proportional set
+    size, the guest RAM it touched and did not give back plus QEMU's own, with the
+    libraries every QEMU shares counted once across them.  0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def volume_vid(vm: "QubesVM", name: str) -> str:

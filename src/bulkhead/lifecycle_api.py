@@ -48,6 +48,9 @@ class Lifecycle(Protocol):
     async def clone_volumes(self, src: "QubesVM", dst: "QubesVM") -> None:
         """Make ``dst``'s persistent volumes copies of ``src``'s (qvm-clone)."""
 
+    async def resize_volume(self, vm: "QubesVM", name: str, size: int) -> None:
+        """Grow ``vm``'s volume ``name`` to ``size`` bytes; live if the qube runs."""
+
     # --- power -------------------------------------------------------------
     def power_state(self, vm: "QubesVM") -> PowerState: ...
 

@@ -135,6 +135,9 @@ class FakeLifecycle:
             self.volumes[key] = volume
         return volume
 
+    async def resize_volume(self, vm: Any, name: str, size: int) -> None:
+        await self.volume(vm, name).resize(size)
+
     async def create_volumes(self, vm: Any) -> None:
         self.calls.append(("create_volumes", vm.name))
         for name in vm.volume_config:

@@ -33,6 +33,8 @@ class Driver:
 DRIVERS: dict[str, Driver] = {
     "file": Driver("bulkhead.storage.file_pool", "FilePool",
                    ("dir_path", "name", "revisions_to_keep")),
+    "file-reflink": Driver("bulkhead.storage.reflink_pool", "ReflinkPool",
+                           ("dir_path", "name", "revisions_to_keep")),
     "linux-kernel": Driver("bulkhead.storage.kernel_pool", "LinuxKernelPool",
                            ("dir_path", "name")),
 }

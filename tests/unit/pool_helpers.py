@@ -67,8 +67,9 @@ def check_image(img: Path) -> None:
 
 # --- volumes ------------------------------------------------------------------------
 
-def make_pool(tmp_path: Path, resolver: Any = None) -> FilePool:
-    pool = FilePool(POOL, tmp_path / "pool", resolver=resolver)
+def make_pool(tmp_path: Path, resolver: Any = None, background: bool = False) -> FilePool:
+    # Merges in the foreground by default: a test looks at the chain as soon as stop returns.
+    pool = FilePool(POOL, tmp_path / "pool", resolver=resolver, merge_in_background=background)
     run(pool.setup())
     return pool
 
@@ -99,7 +100,24 @@ def session(vol: FileVolume, byte: int, offset: int = 0) -> None:
     """One run of the qube: start, the guest writes ``byte``, stop (commit)."""
     spec = run(vol.start())
     write_pattern(spec.path, byte, offset)
-    run(vol.stop())
+    run(stop_and_merge(vol))
+
+
+async def stop_and_merge(vol: FileVolume) -> None:
+    """Stop, then wait for the background merge it started (a loop must not end under it)."""
+    await vol.stop()
+    await vol.pool.wait_merges()
+
+
+def image(vol: FileVolume, n: int) -> Path:
+    """The committed image number ``n`` of ``vol`` (revision ``n``)."""
+    [path] = [p for k, p in vol._images() if k == n]
+    return path
+
+
+def chain(vol: FileVolume) -> list[str | None]:
+    """Each committed image's backing file name, oldest first."""
+    return [info(p).get("backing-filename") for _, p in vol._images()]
 
 
 def tmp_files(vol: FileVolume) -> list[str]:

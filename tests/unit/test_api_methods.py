@@ -252,7 +252,8 @@ def test_tags(server: Any) -> None:
 def test_pools(server: Any) -> None:
     assert ok(server.call("dom0", "admin.pool.List")) == "default\n"
     assert ok(server.call("dom0", "admin.pool.ListDrivers")) == \
-        "file dir_path name revisions_to_keep\nlinux-kernel dir_path name\n"
+        "file dir_path name revisions_to_keep\nfile-reflink dir_path name revisions_to_keep\n" \
+        "linux-kernel dir_path name\n"
     info = ok(server.call("dom0", "admin.pool.Info", "default")).splitlines()
     assert "driver=file" in info and "name=default" in info
     assert error(server.call("dom0", "admin.pool.Info", "nope"))[0] == "QubesPoolNotFoundError"

@@ -32,6 +32,8 @@ from pool_helpers import (
     volatile,
     session,
     tmp_files,
+    image,
+    chain,
 )
 
 
@@ -41,7 +43,8 @@ def test_create_save_on_stop_makes_an_empty_current(tmp_path):
     pool = make_pool(tmp_path)
     vol = private(pool)
     run(vol.create())
-    assert vol.current == tmp_path / "pool/appvms/work/private/current.qcow2"
+    assert vol.current.parent == tmp_path / "pool/appvms/work/private"
+    assert vol.current.name.startswith("img-1-")
     meta = info(vol.current)
     assert meta["format"] == "qcow2" and meta["virtual-size"] == SIZE
     assert "backing-filename" not in meta          # standalone, not an overlay
@@ -86,7 +89,7 @@ def test_start_gives_an_overlay_and_leaves_current_untouched(tmp_path):
     spec = run(vol.start())
     assert spec.name == "private" and spec.fmt == "qcow2" and not spec.readonly
     assert spec.path == vol.dirty and vol.is_dirty()
-    assert info(spec.path)["backing-filename"] == "current.qcow2"
+    assert info(spec.path)["backing-filename"] == vol.current.name
     write_pattern(spec.path, 0x41)
     # The guest's writes land in the dirty overlay only.
     assert has_pattern(spec.path, 0x41)
@@ -102,10 +105,11 @@ def test_stop_commits_a_new_current_and_keeps_the_old_as_revision(tmp_path):
     assert not vol.is_dirty()
     assert vol.current.stat().st_ino != old_inode      # a new image, not written in place
     meta = info(vol.current)
-    assert "backing-filename" not in meta and meta["virtual-size"] == SIZE
+    # Constant time: the run's overlay itself became the current image, on the old one.
+    assert meta["backing-filename"] == image(vol, 1).name and meta["virtual-size"] == SIZE
     assert has_pattern(vol.current, 0x41)
     assert list(vol.revisions()) == ["1"]
-    assert has_pattern(vol.dir / "rev-1.qcow2", 0x00)  # the revision is the content before
+    assert has_pattern(image(vol, 1), 0x00)            # the revision is the content before
     assert tmp_files(vol) == []
     assert vol.usage > 0
 
@@ -119,9 +123,12 @@ def test_revisions_to_keep_prunes_the_oldest(tmp_path):
     assert has_pattern(vol.current, 0x43)
     # create->A->B->C gives revisions 1 (empty), 2 (A), 3 (B); two are kept.
     assert list(vol.revisions()) == ["2", "3"]
-    assert has_pattern(vol.dir / "rev-2.qcow2", 0x41)
-    assert has_pattern(vol.dir / "rev-3.qcow2", 0x42)
-    assert not (vol.dir / "rev-1.qcow2").exists()
+    assert has_pattern(image(vol, 2), 0x41)
+    assert has_pattern(image(vol, 3), 0x42)
+    # The empty image fell out: merged into its successor, which now stands alone.
+    assert [n for n, _ in vol._images()] == [2, 3, 4]
+    assert chain(vol) == [None, image(vol, 2).name, image(vol, 3).name]
+    assert vol.expired() == []
 
 
 def test_revisions_to_keep_zero_keeps_none(tmp_path):

@@ -1,4 +1,4 @@
-"""QEMU's command line for a qube (bulkhead.backend.qemu.build_argv / kernel_cmdline).
+"""QEMU's command line for a qube (bulkhead.backend.qemu_argv.build_argv / kernel_cmdline).
 
 Nothing is started: these tests read the argv the way QEMU would -- option by
 option, and each option's value as QEMU's ``key=value,key=value`` syntax in
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bulkhead.backend import qemu
+from bulkhead.backend import qemu_argv as qemu
 from bulkhead.backend.accel import Accel
 from bulkhead.backend.base import DiskSpec, MachineSpec
 
@@ -153,10 +153,29 @@ def test_agent_port_rng_and_sockets_in_the_run_dir():
         # QEMU is the server and must not wait for dom0 before running the guest.
         assert c["server"] == "on" and c["wait"] == "off"
     assert values(argv, "-serial") == ["chardev:console"]
-    [qmp] = values(argv, "-qmp")
-    assert qmp.startswith(f"unix:{RUN / 'qmp.sock'},")
-    assert qemu_opts(qmp)["server"] == "on" and qemu_opts(qmp)["wait"] == "off"
+    assert chardevs["qmp"]["path"] == str(RUN / "qmp.sock")
+    assert values(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert values(argv, "-pidfile") == [str(RUN / "qemu.pid")]
+
+
+def test_sockets_made_by_dom0_are_passed_as_descriptors():
+    # The jailed QEMU cannot write the run directory: dom0 binds the sockets, QEMU listens.
+    argv = qemu.build_argv(pvh(), TCG, RUN, fds={"qmp": 7, "qrexec": 8, "console": 9})
+    chardevs = {c["id"]: c for c in (qemu_opts(v) for v in values(argv, "-chardev"))}
+    assert {k: c["fd"] for k, c in chardevs.items()} == {"qmp": "7", "qrexec": "8", "console": "9"}
+    assert not any("path" in c for c in chardevs.values())
+    # The run directory stays on the command line: it names the instance (adoption, cleanup).
+    assert values(argv, "-pidfile") == [str(RUN / "qemu.pid")]
+
+
+def test_balloon_reports_free_pages_and_shutdown_pauses_for_dom0():
+    for spec, bus in ((pvh(), "device"), (hvm(), "pci")):
+        argv = qemu.build_argv(spec, TCG, RUN)
+        [balloon] = [d for d in devices(argv) if d[""].startswith("virtio-balloon")]
+        assert balloon[""] == f"virtio-balloon-{bus}" and balloon["free-page-reporting"] == "on"
+        assert values(argv, "-action") == ["shutdown=pause"] and "-no-reboot" in argv
+    # A panic marks the BIOS reboot flag as warm: how dom0 tells it from a clean reboot.
+    assert "reboot=t,panic_warm" in qemu.kernel_cmdline(pvh(), TCG).split()
 
 
 def test_sandbox_denies_everything_qemu_does_not_need():

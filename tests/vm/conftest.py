@@ -91,6 +91,15 @@ class Instance:
         self.tool("qvm-start", "--skip-if-running", qube)
 
 
+def remove_cgroups(paths: Paths) -> None:
+    """The qubes' cgroups of an instance whose QEMUs were killed behind its daemon's back."""
+    from bulkhead.backend import cgroup
+
+    hierarchy = cgroup.detect()
+    if hierarchy is not None:
+        hierarchy.remove_instance(paths.run.name)
+
+
 def _teardown(inst: Instance) -> None:
     paths = inst.paths
     try:
@@ -102,6 +111,7 @@ def _teardown(inst: Instance) -> None:
     time.sleep(0.5)
     subprocess.run(["ip", "netns", "delete", paths.netns_name], check=False, capture_output=True)
     shutil.rmtree(paths.run, ignore_errors=True)
+    remove_cgroups(paths)
     if not os.environ.get("BULKHEAD_KEEP_TEST_HOME"):
         shutil.rmtree(inst.home, ignore_errors=True)
 
@@ -114,21 +124,30 @@ def bulkhead() -> Instance:
         pytest.fail(f"no kernel or template image in {CACHE}: run scripts/test.sh, "
                     "which builds them (`bulkhead prepare`)")
     base = Path(os.environ.get("BULKHEAD_TEST_ROOT", "/var/tmp/bulkhead-tests"))
-    home = base / f"home-{os.getpid()}"
+    inst = make_instance(base / f"home-{os.getpid()}")
+    yield inst
+    _teardown(inst)
+
+
+def make_instance(home: Path, *setup_args: str) -> Instance:
+    """A Bulkhead instance of its own in ``home``, set up as the README does it
+    (``bulkhead setup --no-install`` and ``setup_args``); the caller tears it down."""
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     env = dict(os.environ, BULKHEAD_HOME=str(home), BULKHEAD_SOCKET=str(home / "qubesd.sock"),
                BULKHEAD_CACHE=CACHE, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     inst = Instance(home=home, socket=home / "qubesd.sock", env=env)
-    r = subprocess.run([str(BIN / "bulkhead"), "setup", "--no-install"], env=env,
+    r = subprocess.run([str(BIN / "bulkhead"), "setup", "--no-install", *setup_args], env=env,
                        capture_output=True, text=True, timeout=1800)
     inst.setup_output = r.stdout  # type: ignore[attr-defined]
     inst.setup_stderr = r.stderr  # type: ignore[attr-defined]
     if r.returncode != 0:
         _teardown(inst)
         pytest.fail(f"bulkhead setup failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    yield inst
-    _teardown(inst)
+    return inst
+
+
+teardown_instance = _teardown
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def qvm_ls_row(bulkhead, name: str) -> list[str] | None:
 def test_create_start_list_shutdown_remove(bulkhead):
     bulkhead.tool("qvm-create", "-t", "debian-12", "-l", "green", "t1")
     vol_dir = bulkhead.home / "pools" / "default" / "appvms" / "t1"
-    assert (vol_dir / "private" / "current.qcow2").exists()
+    assert list((vol_dir / "private").glob("img-*.qcow2"))   # its first revision
     bulkhead.tool("qvm-start", "t1")
     assert qvm_ls_row(bulkhead, "t1")[:5] == ["t1", "Running", "AppVM", "green", "debian-12"]
     bulkhead.tool("qvm-shutdown", "--wait", "t1")

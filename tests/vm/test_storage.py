@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,51 @@ def test_package_installed_in_template_reaches_appvm(bulkhead, work, tmp_path):
         "Status: install ok installed\n"
     assert bulkhead.run(q, "cat /usr/share/bulkhead-test/marker").stdout == \
         "installed in the template\n"
+
+
+def _df_bytes(bulkhead, qube: str) -> int:
+    return int(bulkhead.run(qube, "df -B1 --output=size /rw | tail -1").stdout)
+
+
+def test_private_grows_live_while_the_qube_runs(bulkhead, scratch_qube):
+    q = scratch_qube
+    bulkhead.ensure_running(q)
+    bulkhead.run(q, "head -c 3000000 /dev/urandom > /home/user/keep; "
+                    "sha256sum /home/user/keep > /home/user/keep.sum; sync")
+    size = int(bulkhead.tool("qvm-volume", "info", f"{q}:private", "size").stdout)
+    before = _df_bytes(bulkhead, q)
+    bulkhead.tool("qvm-volume", "resize", f"{q}:private", str(2 * size))
+    # The qube saw its disk grow and grew its filesystem: df says so at once.
+    assert bulkhead.state(q) == "Running"
+    after = _df_bytes(bulkhead, q)
+    assert after > before + size // 2, (before, after)
+    assert int(bulkhead.tool("qvm-volume", "info", f"{q}:private", "size").stdout) == 2 * size
+    assert bulkhead.run(q, "sha256sum -c /home/user/keep.sum").returncode == 0
+    # Shrinking is refused, with one clear line.
+    r = bulkhead.tool("qvm-volume", "resize", f"{q}:private", str(size), check=False)
+    assert r.returncode != 0 and "shrinking" in r.stderr and f"{q}:private" in r.stderr
+    # The new size holds across a restart (the grown copy was committed).
+    bulkhead.tool("qvm-shutdown", "--wait", q)
+    bulkhead.tool("qvm-start", q)
+    assert _df_bytes(bulkhead, q) == after
+    assert bulkhead.run(q, "sha256sum -c /home/user/keep.sum").returncode == 0
+
+
+def test_volume_usage_counts_the_kept_revisions(bulkhead, scratch_qube):
+    q = scratch_qube
+    bulkhead.ensure_running(q)
+    bulkhead.run(q, "head -c 20000000 /dev/urandom > /home/user/usage; sync")
+    bulkhead.tool("qvm-shutdown", "--wait", q)
+    # A background merge of old revisions may be changing the files: compare once they
+    # hold still (two reads that agree).
+    deadline = time.monotonic() + 60
+    while True:
+        usage = int(bulkhead.tool("qvm-volume", "info", f"{q}:private", "usage").stdout)
+        path = Path(bulkhead.tool("qvm-volume", "info", f"{q}:private", "path").stdout.strip())
+        on_disk = sum(p.stat().st_blocks * 512 for p in path.parent.iterdir() if p.is_file())
+        if usage == on_disk or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert usage == on_disk and usage > 20_000_000
+    listing = bulkhead.tool("qvm-ls", "--format", "disk", q).stdout
+    assert str(usage // 2**20) in listing.split("\n", 1)[1]

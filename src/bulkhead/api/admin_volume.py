@@ -82,9 +82,11 @@ async def volume_resize(call: Call) -> None:
     volume = _volume(call)
     size = call.validate_number(call.untrusted_payload, "size")
     if size < volume.size:
-        raise StoragePoolException(f"For your own safety, shrinking of {volume.vid} is "
-                                   f"disabled ({size} < {volume.size})")
-    await _storage("Resize", volume.resize(size))
+        raise StoragePoolException(
+            f"For your own safety, shrinking of {call.dest.name}:{call.arg} is disabled "
+            f"({size} < {volume.size} bytes): data could be lost")
+    # A running qube's volume grows live (the lifecycle asks QEMU, then the qube).
+    await _storage("Resize", call.app.lifecycle.resize_volume(call.dest, call.arg, size))
     config = call.dest.volume_config[call.arg]
     config.size = size
     with call.app.transaction():

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from ..errors import BackendError
+
 
 class PowerState(enum.Enum):
     """Power states, named and spelt as Qubes reports them (``admin.vm.CurrentState``)."""
@@ -72,10 +74,16 @@ class AgentLink(Protocol):
     async def wait_ready(self, timeout: float) -> None: ...
 
 
+#: (device, reason, nospace): the machine paused because a disk write failed
+BlockErrorCallback = Callable[[str, str, bool], None]
+
+
 class Machine(abc.ABC):
     """A handle on one qube's running (or just started) virtual machine."""
 
     name: str
+    #: told when a disk write fails and the machine pauses (a full host disk)
+    on_block_error: BlockErrorCallback | None = None
 
     @property
     @abc.abstractmethod
@@ -93,6 +101,11 @@ class Machine(abc.ABC):
 
     @abc.abstractmethod
     async def is_paused(self) -> bool: ...
+
+    async def block_resize(self, device: str, size: int) -> None:
+        """Grow the running machine's disk ``device`` to ``size`` bytes; the guest sees
+        the new capacity at once."""
+        raise BackendError(f"qube {self.name!r}: this backend cannot grow a disk while it runs")
 
     @abc.abstractmethod
     async def power_button(self) -> None:

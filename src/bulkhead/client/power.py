@@ -31,8 +31,12 @@ def is_halted(vm: "VM") -> bool:
         return True
 
 
-def wait_until_halted(app: "App", vms: Iterable["VM"], timeout: float) -> list["VM"]:
-    """Wait up to ``timeout`` seconds for ``vms`` to halt; returns those still not halted."""
+def wait_until_halted(app: "App", vms: Iterable["VM"], timeout: float,
+                      commit_failures: dict[str, str] | None = None) -> list["VM"]:
+    """Wait up to ``timeout`` seconds for ``vms`` to halt; returns those still not halted.
+
+    ``commit_failures`` gets, per qube, the daemon's line on a stop whose changes
+    could not be committed (event ``domain-commit-failed``, sent before the stop's)."""
     pending = list(vms)
     deadline = time.monotonic() + timeout
     if not pending:
@@ -51,6 +55,9 @@ def wait_until_halted(app: "App", vms: Iterable["VM"], timeout: float) -> list["
                 event = stream.next(remaining)
                 if event is None:
                     break
+                if event.subject in names and event.name == "domain-commit-failed" \
+                        and commit_failures is not None:
+                    commit_failures[event.subject] = event.kwargs.get("message", "")
                 if event.subject in names and event.name in STOP_EVENTS:
                     pending = [vm for vm in pending
                                if vm.name != event.subject or not is_halted(vm)]

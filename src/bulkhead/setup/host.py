@@ -24,6 +24,8 @@ PACKAGES = {
     "busybox-static": "the tiny initramfs of the boot benchmark",
     "iproute2": "dom0's network namespace",
     "cpio": "tests read the benchmark initramfs back",
+    "bubblewrap": "bwrap: each qube's QEMU runs in a jail of its own",
+    "xfsprogs": "mkfs.xfs: tests of the file-reflink pool on a loop-mounted XFS",
 }
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ..config import Paths
-from . import host, kernel, template
+from . import host, kernel, qube_ids, service, template
 from .progress import SetupError, console, step
 
 
@@ -28,6 +28,7 @@ def prepare(paths: Paths, install_packages: bool = True) -> tuple[Path, str, Pat
         d.mkdir(parents=True, exist_ok=True)
     if install_packages:
         host.ensure_packages(paths.log_dir)
+    qube_ids.ensure_range()
     vmlinux = kernel.build(paths)
     kid = kernel.install(paths, vmlinux)
     template.verify_tools()
@@ -79,6 +80,9 @@ def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool =
     _, kid, image, key = prepare(paths, install_packages)
     from ..qrexec.policy_default import ensure_policy
     ensure_policy(paths.home)  # the default qrexec policy; /etc/qubes/policy.d for the default home
+    # Only for the machine's own instance: test instances start their own daemons.
+    if paths.home == Paths.from_env({}).home:
+        service.install_unit(paths)
     ensure_daemon(paths)
     app = App(Connection(str(paths.socket)))
     ensure_template(app, image, key, kid)

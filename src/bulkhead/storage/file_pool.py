@@ -1,28 +1,57 @@
-"""The ``file`` pool driver: every volume a directory of qcow2 images.
+"""The ``file`` pool driver: every volume a directory of qcow2 images in one backing chain.
 
 Layout of one volume (``<dir_path>/<vid>/``)::
 
-    current.qcow2     the committed content (what a snapshot is taken from)
-    rev-<n>.qcow2     kept earlier revisions, n growing (revisions_to_keep of them)
-    dirty.qcow2       while started: the machine's writable image
-    dirty.source      for a snapshot: which revision of the source it was taken from
-    dirty.base        for a started save_on_stop volume: which current it was started on
+    img-<n>-<tok>.qcow2  committed images, ``n`` growing; the highest is the current
+                         content, each other one is backed by its predecessor (by
+                         relative name), the oldest stands alone
+    dirty.qcow2          while started: the machine's writable overlay on the current image
+    dirty.source         for a snapshot: which image of the source it was taken from
+    merge.pending        the name of the image being merged into its successor
+    revert.pending       the name of the image a revert is making current again
 
-Why it is crash-safe: committed images are never written in place.  A commit
-flattens ``dirty.qcow2`` (an overlay on ``current.qcow2``) into a new
-standalone image, fsyncs it, keeps the old current as a revision by a hard
-link, and renames the new image over ``current.qcow2`` -- one atomic step.
-A crash before the rename leaves the old current in place and ``dirty.qcow2``
-still there to commit again; a crash after it leaves a ``dirty.qcow2`` whose
-``dirty.base`` no longer names the current image, so recovery knows the commit
-happened and only removes it.
+Why commits take constant time: a started volume's ``dirty.qcow2`` is an
+overlay on the current image, so committing it is renaming it to the next
+``img-<n+1>-*.qcow2`` -- no data is copied, whatever the qube wrote.  The old
+current stays in the chain as a revision.
+
+Why it is crash-safe: committed images are never rewritten while they are
+anyone's content.  Each change has one atomic step:
+
+- commit: the rename of ``dirty.qcow2``; before it the old revision is
+  current and the dirty copy waits to be committed again, after it the new one;
+- revert: writing ``revert.pending``; the images newer than the one it names
+  are then deleted, and recovery finishes the deletion after a crash;
+- merge (an image falling out of ``revisions_to_keep``, in the background),
+  whichever copies less:
+
+  * the successor is the bigger: ``qemu-img rebase`` copies into it the clusters
+    it read from the expired image, then drops the backing name from its header
+    (the last, one-sector write): what it shows never changes, so every moment
+    is old-and-new at once; the expired image is deleted after;
+  * else ``qemu-img commit`` copies the successor's clusters *into the expired
+    image* (which only the successor's reads still fall through to, for clusters
+    the successor does not hold, so nobody sees a change), then the expired image
+    is renamed over its successor: the successor's name now holds the same
+    content, standalone.  ``merge.pending`` marks the expired image as no longer
+    a whole revision first, so it can never be reverted to once the copy began.
+
+A merge never runs on a start or stop path: stopping schedules it, starting
+(the volume's own, or a snapshot of it) cancels it -- a half-done merge is
+just redone later.  QEMU's image locks keep a merge from writing into an image
+a running machine reads (a template's old image under its AppVMs' roots): the
+merge then waits for a later chance.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import errno
 import logging
 import os
+import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,20 +61,62 @@ from ..errors import QubesValueError, StoragePoolException
 from . import qemu_img
 from .pool import Pool, Volume, VolumeConfig
 
-CURRENT = "current.qcow2"
 DIRTY = "dirty.qcow2"
 SOURCE_STAMP = "dirty.source"
-BASE_STAMP = "dirty.base"
+MERGE_STAMP = "merge.pending"
+REVERT_STAMP = "revert.pending"
 RESIZE_FS = "resize-fs"
 TMP_PREFIX = ".tmp-"
+IMAGE = re.compile(r"^img-(\d{1,9})-[0-9a-f]{8}\.qcow2$")
+# The layout before backing chains (one flattened current, revisions as hard links).
+OLD_CURRENT = "current.qcow2"
+OLD_REVISION = re.compile(r"^rev-(\d{1,9})\.qcow2$")
+OLD_BASE_STAMP = "dirty.base"
+# What a fresh qcow2 overlay takes on disk (header, L1 and refcount tables, 64 KiB
+# clusters): said in the message when there is not even that much room.
+OVERLAY_BYTES = 256 * 1024
+# Kept allocated in each pool while there is room, and given up when a qube cannot
+# start for lack of space: enough for its new overlays and some writes.
+RESERVE = "reserve"
+RESERVE_BYTES = 64 * 2**20
 
 log = logging.getLogger(__name__)
 
 
-def _stamp(path: Path) -> str:
-    """Identifies one committed revision of a volume: a commit makes a new inode."""
-    st = path.stat()
-    return f"{st.st_ino}:{st.st_mtime_ns}"
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)    # a full disk leaves nothing behind
+        raise
+    qemu_img.fsync_dir(path.parent)
+
+
+def _make_dom0s(image: Path) -> None:
+    """A committed image is dom0's alone: the started copy it was had been given to the
+    qube's jailed QEMU (its uid, maybe ACL entries), which must not keep any hold on it."""
+    if os.geteuid() == 0:
+        os.chown(image, 0, 0)
+    try:
+        os.removexattr(image, "system.posix_acl_access")
+    except OSError:
+        pass
+    os.chmod(image, 0o600)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def is_no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
 
 
 class FileVolume(Volume):
@@ -55,10 +126,62 @@ class FileVolume(Volume):
         super().__init__(pool, vid, config)
         self.dir = pool.volume_dir(vid)
 
+    # --- the chain ------------------------------------------------------------
+    def _images(self) -> list[tuple[int, Path]]:
+        """Committed images, oldest first (the last one is current)."""
+        out = []
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            m = IMAGE.match(name)
+            if m:
+                out.append((int(m.group(1)), self.dir / name))
+        out.sort()
+        if REVERT_STAMP in names:
+            # A revert passed its atomic step: the images newer than its target are gone
+            # for everyone already, even before recovery deletes them.
+            try:
+                target = (self.dir / REVERT_STAMP).read_text().strip()
+            except OSError:
+                target = ""
+            keep = [n for n, p in out if p.name == target]
+            if keep:
+                out = [(n, p) for n, p in out if n <= keep[0]]
+        return out
+
+    def _poisoned(self) -> str | None:
+        """The image a merge began writing into: no longer a whole revision."""
+        try:
+            return (self.dir / MERGE_STAMP).read_text().strip() or None
+        except OSError:
+            return None
+
+    def _revision_files(self) -> list[tuple[int, Path]]:
+        """The revisions one can revert to: the ``revisions_to_keep`` newest below current."""
+        images = self._images()[:-1]
+        poisoned = self._poisoned()
+        images = [(n, p) for n, p in images if p.name != poisoned]
+        keep = max(0, self.config.revisions_to_keep)
+        return images[max(0, len(images) - keep):] if keep else []
+
+    def expired(self) -> list[Path]:
+        """Images still in the chain (as backing data) but no longer kept as revisions."""
+        kept = {p for _, p in self._revision_files()}
+        return [p for _, p in self._images()[:-1] if p not in kept]
+
+    def _next_image_name(self) -> str:
+        images = self._images()
+        n = images[-1][0] + 1 if images else 1
+        return f"img-{n}-{secrets.token_hex(4)}.qcow2"
+
     # --- paths -------------------------------------------------------------
     @property
     def current(self) -> Path:
-        return self.dir / CURRENT
+        """The current committed image (a path that does not exist if there is none)."""
+        images = self._images()
+        return images[-1][1] if images else self.dir / OLD_CURRENT
 
     @property
     def dirty(self) -> Path:
@@ -69,31 +192,28 @@ class FileVolume(Volume):
         return str(self.current)
 
     def committed_path(self) -> Path | None:
-        return self.current if self.current.exists() else None
+        current = self.current
+        return current if current.exists() else None
 
     def _source_volume(self) -> Volume:
         if not self.config.source:
             raise StoragePoolException(f"volume {self.vid} takes a snapshot but has no source")
         return self.pool.resolve(self.config.source)
 
-    def _revision_files(self) -> list[tuple[int, Path]]:
-        revs = []
-        if self.dir.is_dir():
-            for p in self.dir.iterdir():
-                if p.name.startswith("rev-") and p.name.endswith(".qcow2"):
-                    try:
-                        revs.append((int(p.name[4:-6]), p))
-                    except ValueError:
-                        continue
-        return sorted(revs)
-
     # --- reports -------------------------------------------------------------
     @property
     def usage(self) -> int:
+        """Bytes this volume holds on the host: every image of its chain (the kept
+        revisions and the ones waiting to be merged) and the started copy."""
         total = 0
-        for p in (self.current, self.dirty):
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
             try:
-                total += p.stat().st_blocks * 512
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
             except FileNotFoundError:
                 pass
         return total
@@ -114,7 +234,8 @@ class FileVolume(Volume):
         src = self._source_volume().committed_path()
         try:
             taken = (self.dir / SOURCE_STAMP).read_text().strip()
-            return src is None or taken != _stamp(src)
+            # Image names are never reused for other content (a merge keeps the content).
+            return src is None or taken != str(src)
         except OSError:
             return True
 
@@ -125,18 +246,113 @@ class FileVolume(Volume):
     def clear_fs_resize(self) -> None:
         (self.dir / RESIZE_FS).unlink(missing_ok=True)
 
+    def mark_fs_resize(self) -> None:
+        (self.dir / RESIZE_FS).touch()
+
+    # --- recovery ---------------------------------------------------------------
+    async def _recover(self) -> None:
+        """Finish or undo what a crash interrupted; called before every change."""
+        if not self.dir.is_dir():
+            return
+        self._clean_tmp()
+        await self._migrate_old_layout()
+        target = None
+        try:
+            target = (self.dir / REVERT_STAMP).read_text().strip()
+        except OSError:
+            pass
+        if target is not None:
+            self._finish_revert(target)
+        poisoned = self._poisoned()
+        if poisoned is not None and not (self.dir / poisoned).exists():
+            # The merge's rename happened; only its marker was left.
+            (self.dir / MERGE_STAMP).unlink(missing_ok=True)
+
+    async def _migrate_old_layout(self) -> None:
+        """A volume of the flattening driver: its images become a chain of standalone ones."""
+        old = self.dir / OLD_CURRENT
+        if not old.exists():
+            if (self.dir / OLD_BASE_STAMP).exists():
+                await self._fix_old_dirty()     # the crash came between the two steps
+            return
+        log.info("volume %s: moving to the backing-chain layout", self.vid)
+        n = self._images()[-1][0] if self._images() else 0
+        for _, p in sorted((int(m.group(1)), self.dir / name) for name in os.listdir(self.dir)
+                           if (m := OLD_REVISION.match(name))):
+            if os.path.samefile(p, old):   # a crash mid-commit left current linked twice
+                p.unlink()
+                continue
+            n += 1
+            os.rename(p, self.dir / f"img-{n}-{secrets.token_hex(4)}.qcow2")
+        new = self.dir / f"img-{n + 1}-{secrets.token_hex(4)}.qcow2"
+        os.rename(old, new)
+        qemu_img.fsync_dir(self.dir)
+        await self._fix_old_dirty()
+
+    async def _fix_old_dirty(self) -> None:
+        """A started copy of the old layout (it wrote ``dirty.base``) names its backing
+        ``current.qcow2``: point it at the image that name became."""
+        current = self.committed_path()
+        if self.dirty.exists() and current is not None and self.config.save_on_stop \
+                and not self.config.snap_on_start:
+            if await qemu_img.backing_of(self.dirty) == OLD_CURRENT:
+                await qemu_img.rebase_unsafe(self.dirty, current.name)
+        (self.dir / OLD_BASE_STAMP).unlink(missing_ok=True)
+
+    def _finish_revert(self, target: str) -> None:
+        images = sorted((int(m.group(1)), self.dir / name) for name in os.listdir(self.dir)
+                        if (m := IMAGE.match(name)))
+        keep = [n for n, p in images if p.name == target]
+        if keep:
+            for n, p in reversed(images):
+                if n > keep[0]:
+                    p.unlink()
+            qemu_img.fsync_dir(self.dir)
+        (self.dir / REVERT_STAMP).unlink(missing_ok=True)
+        qemu_img.fsync_dir(self.dir)
+
+    def _tmp(self, what: str) -> Path:
+        return self.dir / f"{TMP_PREFIX}{what}.qcow2"
+
+    def _clean_tmp(self) -> None:
+        for p in self.dir.glob(TMP_PREFIX + "*"):
+            p.unlink(missing_ok=True)
+
+    async def _new_image(self, what: str, size: int | None, backing: Path | str | None) -> Path:
+        """A fresh qcow2 under a temporary name (the caller renames it into place);
+        on failure nothing is left behind, and a full pool is said in plain words."""
+        tmp = self._tmp(what)
+        for attempt in (1, 2):
+            try:
+                await qemu_img.create(tmp, size, backing=backing)
+                return tmp
+            except BaseException as e:
+                tmp.unlink(missing_ok=True)
+                if not is_no_space(e):
+                    raise
+                # A full pool must not lock the user out of a qube: the pool's reserve
+                # is given up so that the qube starts (and can be cleaned up).
+                # (The volumes of one qube start side by side: another may have given it up.)
+                if attempt == 1 and (self.pool.release_reserve(f"volume {self.vid}")
+                                     or self.pool.space()[2] > 2 * OVERLAY_BYTES):
+                    continue
+                raise StoragePoolException(self.pool.no_space_message(
+                    f"volume {self.vid}", OVERLAY_BYTES)) from e
+        raise AssertionError("unreachable")
+
     # --- lifecycle -------------------------------------------------------------
     async def create(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        await self._recover()
         c = self.config
-        if c.save_on_stop and not c.snap_on_start and not self.current.exists():
+        if c.save_on_stop and not c.snap_on_start and not self._images():
             # An empty disk: the guest formats a blank private volume at first boot,
             # so dom0 never builds a filesystem for a qube.
-            tmp = self._tmp("create")
-            await qemu_img.create(tmp, c.size)
-            await self._install_current(tmp, keep_old=False)
+            tmp = await self._new_image("create", c.size, None)
+            await self._install(tmp)
 
     async def remove(self) -> None:
+        await self.pool.cancel_merge(self.vid)
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self._prune_empty_parents()
@@ -153,90 +369,136 @@ class FileVolume(Volume):
 
     async def start(self) -> DiskSpec:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._clean_tmp()
         c = self.config
         if c.save_on_stop and not c.snap_on_start:
+            await self.pool.cancel_merge(self.vid)
+            await self._recover()
             if self.is_dirty():
                 # A previous run ended without its commit (the daemon was away):
-                # commit it now rather than lose what the qube wrote.
+                # commit it now -- a rename, so even a full pool takes it.
                 await self._commit()
-            if not self.current.exists():
+            current = self.committed_path()
+            if current is None:
                 raise StoragePoolException(
-                    f"volume {self.vid} has no committed image at {self.current}; "
+                    f"volume {self.vid} has no committed image in {self.dir}; "
                     "was it created? (`qvm-volume info` shows its state)")
-            await qemu_img.create(self.dirty, c.size, backing=CURRENT)
-            (self.dir / BASE_STAMP).write_text(_stamp(self.current))
+            tmp = await self._new_image("start", c.size, current.name)
+            os.rename(tmp, self.dirty)
         elif c.snap_on_start:
-            src = self._source_volume().committed_path()
+            source = self._source_volume()
+            src = source.committed_path()
             if src is None:
                 raise StoragePoolException(
                     f"volume {self.vid} snapshots {c.source}, which has no committed image yet")
+            # A merge writing into the source's chain would hold an image our machine reads.
+            cancel = getattr(source.pool, "cancel_merge", None)
+            if cancel is not None:
+                await cancel(source.vid)
+            self._clean_tmp()
             self.dirty.unlink(missing_ok=True)
             # The snapshot has the source's size: a template's root defines its AppVMs' roots.
-            await qemu_img.create(self.dirty, None, backing=src.absolute())
-            (self.dir / SOURCE_STAMP).write_text(_stamp(src))
+            tmp = await self._new_image("start", None, src.absolute())
+            _write_atomically(self.dir / SOURCE_STAMP, str(src))
+            os.rename(tmp, self.dirty)
         else:
             # volatile: a fresh empty disk at every start.
+            self._clean_tmp()
             self.dirty.unlink(missing_ok=True)
-            await qemu_img.create(self.dirty, c.size)
+            tmp = await self._new_image("start", c.size, None)
+            os.rename(tmp, self.dirty)
         return DiskSpec(name=self.name, path=self.dirty, fmt="qcow2", readonly=not c.rw)
 
     async def stop(self) -> None:
         c = self.config
         if c.save_on_stop and not c.snap_on_start:
+            await self._recover()
             if self.is_dirty():
                 await self._commit()
+            await self.pool.schedule_merge(self)
+            self.pool.keep_reserve()
         else:
             self.dirty.unlink(missing_ok=True)
             (self.dir / SOURCE_STAMP).unlink(missing_ok=True)
 
     async def _commit(self) -> None:
-        if self._already_committed():
-            log.info("volume %s: its last commit completed before a crash; dropping the copy",
-                     self.vid)
-            self._prune_revisions()  # the crash may have come before the pruning
-        else:
-            tmp = self._tmp("commit")
-            await qemu_img.flatten(self.dirty, tmp)
-            await self._install_current(tmp, keep_old=True)
-        self.dirty.unlink(missing_ok=True)
-        (self.dir / BASE_STAMP).unlink(missing_ok=True)
-        qemu_img.fsync_dir(self.dir)
-
-    def _already_committed(self) -> bool:
-        """True if ``dirty`` was started on a current that a commit has since replaced."""
+        """The started copy becomes the current revision: fsync, then one rename."""
         try:
-            base = (self.dir / BASE_STAMP).read_text().strip()
-        except OSError:
-            return False  # started by an older version: commit, as before
-        return self.current.exists() and base != _stamp(self.current)
+            qemu_img.fsync_file(self.dirty)
+            await self._install(self.dirty)
+        except OSError as e:
+            if is_no_space(e):
+                raise StoragePoolException(self.pool.no_space_message(
+                    f"committing volume {self.vid}", OVERLAY_BYTES)) from e
+            raise StoragePoolException(f"cannot commit volume {self.vid}: {e}") from e
 
-    async def _install_current(self, tmp: Path, keep_old: bool) -> None:
-        """Make the fully written image ``tmp`` the current one, atomically."""
-        qemu_img.fsync_file(tmp)
-        if keep_old and self.current.exists() and self.config.revisions_to_keep > 0:
-            revs = self._revision_files()
-            # After a crash between this link and the rename below, the newest
-            # revision already is the current image: don't keep it twice.
-            if not (revs and os.path.samefile(revs[-1][1], self.current)):
-                n = revs[-1][0] + 1 if revs else 1
-                os.link(self.current, self.dir / f"rev-{n}.qcow2")
-        os.replace(tmp, self.current)
+    async def _install(self, image: Path) -> None:
+        """Make the fully written ``image`` (an overlay on the current one, or standalone)
+        the current revision, atomically."""
+        _make_dom0s(image)
+        qemu_img.fsync_file(image)
+        os.rename(image, self.dir / self._next_image_name())
         qemu_img.fsync_dir(self.dir)
-        self._prune_revisions()
 
-    def _prune_revisions(self) -> None:
-        revs = self._revision_files()
-        excess = len(revs) - max(0, self.config.revisions_to_keep)
-        for _, p in revs[:max(0, excess)]:
-            p.unlink(missing_ok=True)
+    # --- merging revisions that fell out of revisions_to_keep ---------------------------
+    async def merge_expired(self) -> None:
+        """Merge every expired image into its successor, oldest first (see the module doc)."""
+        await self._recover()
+        while True:
+            if self.is_dirty():
+                return            # the qube runs: its chain is in use; merge after its stop
+            expired = self.expired()
+            images = [p for _, p in self._images()]
+            if not expired or len(images) < 2:
+                return
+            old = images[0]
+            if old not in expired:
+                # Only the oldest image can stand alone; a newer expired one waits its turn
+                # (it is merged once everything older than it is).
+                return
+            await self._merge(old, images[1])
 
-    def _tmp(self, what: str) -> Path:
-        return self.dir / f"{TMP_PREFIX}{what}.qcow2"
-
-    def _clean_tmp(self) -> None:
-        for p in self.dir.glob(TMP_PREFIX + "*"):
-            p.unlink(missing_ok=True)
+    async def _merge(self, old: Path, successor: Path) -> None:
+        backing = await qemu_img.backing_of(successor)
+        if backing is None:
+            # The successor stands alone (an import): nothing reads the old image any more.
+            old.unlink()
+        elif backing != old.name:
+            raise StoragePoolException(
+                f"volume {self.vid}: {successor.name} is backed by {backing!r}, not by "
+                f"{old.name}; leaving the chain as it is")
+        elif successor.stat().st_blocks > old.stat().st_blocks and \
+                await qemu_img.backing_of(old) is None:
+            # The successor holds more (a session that wrote a lot): copying the old
+            # image's clusters into it costs less time and room than the other way.
+            try:
+                await qemu_img.absorb_backing(successor)
+            except StoragePoolException as e:
+                if is_no_space(e):
+                    raise StoragePoolException(self.pool.no_space_message(
+                        f"merging an old revision of volume {self.vid}",
+                        old.stat().st_blocks * 512)) from e
+                raise
+            qemu_img.fsync_file(successor)
+            old.unlink()
+            qemu_img.fsync_dir(self.dir)
+        else:
+            if self._poisoned() != old.name:
+                _write_atomically(self.dir / MERGE_STAMP, old.name)
+            try:
+                await qemu_img.commit_into_backing(successor)
+            except StoragePoolException as e:
+                if is_no_space(e):
+                    raise StoragePoolException(self.pool.no_space_message(
+                        f"merging an old revision of volume {self.vid}",
+                        successor.stat().st_blocks * 512)) from e
+                raise
+            qemu_img.fsync_file(old)
+            st = successor.stat()
+            os.utime(old, ns=(st.st_atime_ns, st.st_mtime_ns))  # the revision's date stays
+            os.replace(old, successor)
+            qemu_img.fsync_dir(self.dir)
+        (self.dir / MERGE_STAMP).unlink(missing_ok=True)
+        qemu_img.fsync_dir(self.dir)
 
     # --- changes requested by the user ---------------------------------------
     def _refuse_if_started(self, what: str) -> None:
@@ -245,6 +507,8 @@ class FileVolume(Volume):
 
     async def revert(self, revision: str | None = None) -> None:
         self._refuse_if_started("revert")
+        await self.pool.cancel_merge(self.vid)
+        await self._recover()
         revs = self._revision_files()
         if not revs:
             raise StoragePoolException(f"volume {self.vid} has no revision to revert to")
@@ -256,8 +520,8 @@ class FileVolume(Volume):
                 raise QubesValueError(f"volume {self.vid} has no revision {revision!r}; "
                                       f"kept revisions: {', '.join(str(n) for n, _ in revs)}")
             path = match[0]
-        os.replace(path, self.current)
-        qemu_img.fsync_dir(self.dir)
+        _write_atomically(self.dir / REVERT_STAMP, path.name)   # the atomic step
+        self._finish_revert(path.name)
 
     async def resize(self, size: int) -> None:
         if size < self.config.size:
@@ -265,40 +529,70 @@ class FileVolume(Volume):
                 f"shrinking volume {self.vid} from {self.config.size} to {size} bytes is not "
                 "supported: data could be lost")
         self._refuse_if_started("resize")
-        if self.current.exists():
-            await qemu_img.resize(self.current, size)
-            (self.dir / RESIZE_FS).touch()
+        await self.pool.cancel_merge(self.vid)
+        await self._recover()
+        current = self.committed_path()
+        if current is not None:
+            # A new, empty overlay of the new size: the current image is never rewritten.
+            tmp = await self._new_image("resize", size, current.name)
+            await self._install(tmp)
+            self.mark_fs_resize()
+        self.config.size = size
+
+    def grown_live(self, size: int) -> None:
+        """The running machine's started copy was grown to ``size`` (QMP block_resize)."""
         self.config.size = size
 
     async def import_data(self, src: Path, size: int | None = None) -> None:
+        await self._import(src, size, flatten=False)
+
+    async def _import(self, src: Path, size: int | None, flatten: bool) -> None:
         self._refuse_if_started("import into")
         self.dir.mkdir(parents=True, exist_ok=True)
+        await self.pool.cancel_merge(self.vid)
+        await self._recover()
         tmp = self._tmp("import")
-        await qemu_img.convert_from(src, tmp)
-        want = max(size or 0, self.config.size)
-        if await qemu_img.virtual_size(tmp) < want:
-            await qemu_img.resize(tmp, want)
-        self.config.size = await qemu_img.virtual_size(tmp)
-        await self._install_current(tmp, keep_old=True)
+        try:
+            if flatten:
+                await qemu_img.flatten(src, tmp)      # our own chain: its backing names are ours
+            else:
+                await qemu_img.convert_from(src, tmp)
+            want = max(size or 0, self.config.size)
+            if await qemu_img.virtual_size(tmp) < want:
+                await qemu_img.resize(tmp, want)
+            new_size = await qemu_img.virtual_size(tmp)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if is_no_space(e):
+                raise StoragePoolException(self.pool.no_space_message(
+                    f"importing into volume {self.vid}", os.stat(src).st_blocks * 512)) from e
+            raise
+        self.config.size = new_size
+        await self._install(tmp)
+        await self.pool.schedule_merge(self)
 
     async def clone_from(self, other: Volume) -> None:
         src = other.committed_path()
         if src is None:
             raise StoragePoolException(f"volume {other.vid} has no committed content to clone")
-        await self.import_data(src, size=other.size)
+        await self._import(src, other.size, flatten=isinstance(other, FileVolume))
 
 
 class FilePool(Pool):
     driver = "file"
+    volume_class: type[FileVolume] = FileVolume
 
     def __init__(self, name: str, dir_path: str | Path, revisions_to_keep: int = 1,
-                 resolver: Any = None, **config: Any) -> None:
+                 resolver: Any = None, merge_in_background: bool = True, **config: Any) -> None:
         super().__init__(name, dir_path=str(dir_path), revisions_to_keep=revisions_to_keep, **config)
         self.dir_path = Path(dir_path)
-        self.revisions_to_keep = revisions_to_keep
+        self.revisions_to_keep = int(revisions_to_keep)
         # resolves "pool:vid" of a snapshot's source to a Volume (set by whoever owns all pools)
         self.resolver = resolver
+        # False: a stop merges before it returns (tests that look at the result at once)
+        self.merge_in_background = merge_in_background
         self._volumes: dict[str, FileVolume] = {}
+        self._merges: dict[str, asyncio.Task[None]] = {}
 
     def volume_dir(self, vid: str) -> Path:
         parts = vid.split("/")
@@ -307,7 +601,7 @@ class FilePool(Pool):
         return self.dir_path.joinpath(*parts)
 
     def init_volume(self, vid: str, config: VolumeConfig) -> FileVolume:
-        vol = FileVolume(self, vid, config)
+        vol = self.volume_class(self, vid, config)
         self._volumes[vid] = vol
         return vol
 
@@ -321,14 +615,108 @@ class FilePool(Pool):
 
     async def setup(self) -> None:
         self.dir_path.mkdir(parents=True, exist_ok=True)
+        self.keep_reserve()
 
-    def info(self) -> dict[str, str]:
+    # --- the reserve: room kept back for starting qubes on a full disk -------------------
+    @property
+    def reserve_path(self) -> Path:
+        return self.dir_path / RESERVE
+
+    def keep_reserve(self) -> None:
+        """(Re)make the reserve if it is missing and there is ample room for it."""
+        if self.reserve_path.exists():
+            return
+        _, _, free = self.space()
+        if free < 4 * RESERVE_BYTES:
+            return
+        tmp = self.dir_path / (TMP_PREFIX + RESERVE)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.info("pool %s: cannot keep a reserve: %s", self.name, e)
+
+    def release_reserve(self, why: str) -> bool:
+        """Free the reserve; True if there was one."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("pool %s (%s) is full: gave up its %d MiB reserve for %s; free space "
+                    "on this disk", self.name, self.dir_path, RESERVE_BYTES // 2**20, why)
+        return True
+
+    # --- background merges ---------------------------------------------------------
+    async def schedule_merge(self, vol: FileVolume) -> None:
+        """Merge ``vol``'s expired images, in the background unless told otherwise."""
+        if not vol.expired():
+            return
+        if not self.merge_in_background:
+            await self._run_merge(vol)
+            return
+        running = self._merges.get(vol.vid)
+        if running is not None and not running.done():
+            return
+        task = asyncio.get_running_loop().create_task(self._run_merge(vol))
+        self._merges[vol.vid] = task
+        task.add_done_callback(lambda t, vid=vol.vid: self._merges.pop(vid, None)
+                               if self._merges.get(vid) is t else None)
+
+    async def _run_merge(self, vol: FileVolume) -> None:
+        try:
+            await vol.merge_expired()
+        except asyncio.CancelledError:
+            log.info("volume %s: merge of old revisions interrupted; it is redone later", vol.vid)
+            raise
+        except Exception as e:  # noqa: BLE001 -- background work: the next stop retries
+            if "lock" in str(e):
+                log.info("volume %s: old revisions not merged yet, an image is in use "
+                         "(a running qube reads it); retried at a later stop", vol.vid)
+            else:
+                log.warning("volume %s: merging old revisions failed: %s", vol.vid, e)
+
+    async def cancel_merge(self, vid: str) -> None:
+        task = self._merges.pop(vid, None)
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def cancel_merges(self) -> None:
+        """Stop every merge in progress (daemon exit): each is redone later."""
+        for vid in list(self._merges):
+            await self.cancel_merge(vid)
+
+    async def wait_merges(self) -> None:
+        """Until the background merges running now are done (tests, benchmarks, shutdown)."""
+        tasks = [t for t in self._merges.values() if not t.done()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- space ------------------------------------------------------------------------------
+    def space(self) -> tuple[int, int, int]:
+        """(size, used, free for us) of the filesystem holding the pool, in bytes."""
         try:
             st = os.statvfs(self.dir_path)
-            size = st.f_blocks * st.f_frsize
-            usage = (st.f_blocks - st.f_bfree) * st.f_frsize
         except OSError:
-            size = usage = 0
+            return 0, 0, 0
+        size = st.f_blocks * st.f_frsize
+        return size, size - st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def no_space_message(self, what: str, needed: int) -> str:
+        _, _, free = self.space()
+        return (f"{what}: no space left in pool {self.name} ({self.dir_path}): "
+                f"needs about {_mib(needed)} more, {_mib(free)} free")
+
+    def info(self) -> dict[str, str]:
+        size, usage, _ = self.space()
         return {
             "name": self.name,
             "driver": self.driver,

@@ -16,8 +16,9 @@ kernel    read-only        read-only       dom0's kernel (LinuxKernel pool)
 
 - ``save_on_stop``: the running machine writes to a *dirty* copy; stopping
   commits it as the new current revision (the old one is kept as a revision,
-  up to ``revisions_to_keep``); a crash mid-commit leaves the previous
-  revision current.
+  up to ``revisions_to_keep``), in constant time whatever the qube wrote; a
+  crash mid-commit leaves the previous revision current, and a commit that
+  fails keeps the dirty copy for the next start to run on.
 - ``snap_on_start``: every start takes a fresh snapshot of ``source``'s last
   committed revision; stopping discards it.
 - neither: a fresh empty volume every start (volatile).

@@ -17,7 +17,15 @@ async def run(*args: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         QEMU_IMG, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL)
-    out, err = await proc.communicate()
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        # A cancelled operation (a background merge a start overtakes) must not go on
+        # writing behind our back: stop it, and wait so its image lock is released.
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     if proc.returncode != 0:
         msg = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
         raise StoragePoolException(f"qemu-img {args[0]} failed: {msg}")
@@ -39,6 +47,31 @@ async def create(path: Path, size: int | None, backing: Path | str | None = None
 async def flatten(src: Path, dst: Path) -> None:
     """Copy ``src`` and everything it is backed by into one standalone qcow2 ``dst``."""
     await run("convert", "-q", "-O", "qcow2", "-o", "cluster_size=65536", str(src), str(dst))
+
+
+async def commit_into_backing(path: Path) -> None:
+    """Write ``path``'s own clusters into its backing image, leaving ``path`` itself
+    untouched (``-d``: not emptied), so that both stay whole images while it runs."""
+    await run("commit", "-q", "-d", "-f", "qcow2", str(path))
+
+
+async def absorb_backing(path: Path) -> None:
+    """Make ``path`` stand alone by copying into it what it read from its (standalone)
+    backing image.  What ``path`` shows never changes: each copied cluster holds what
+    was read through the backing, and the header drops the backing name last."""
+    await run("rebase", "-q", "-f", "qcow2", "-b", "", str(path))
+
+
+async def backing_of(path: Path) -> str | None:
+    """The backing file name recorded in the qcow2 image ``path`` (as written), or None."""
+    info = json.loads(await run("info", "--output=json", "-f", "qcow2", "-U", str(path)))
+    return info.get("backing-filename") or None
+
+
+async def rebase_unsafe(path: Path, backing: str) -> None:
+    """Rewrite only the backing file name in ``path``'s header (no data is copied:
+    the caller vouches that ``backing`` holds the same content under a new name)."""
+    await run("rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", "qcow2", str(path))
 
 
 QCOW2_MAGIC = b"QFI\xfb"

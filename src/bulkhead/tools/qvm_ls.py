@@ -77,6 +77,8 @@ SPECIAL_COLUMNS: dict[str, tuple[Callable[[VM], object], str]] = {
     "GATEWAY": (lambda vm: _attr(vm, "netvm.gateway"), "Network gateway."),
     "MEMORY": (lambda vm: int(vm.current_state()["mem"]) // 1024 if vm.is_running() else None,
                "Memory currently used by the qube (MiB)."),
+    "MEM": (lambda vm: int(vm.current_state()["mem"]) // 1024 if vm.is_running() else None,
+            "Memory the qube holds on the host now, its QEMU's PSS (MiB)."),
     "DISK": (lambda vm: vm.get_disk_utilization() // 1024 // 1024, "Total disk utilisation (MiB)."),
     "PRIV-CURR": (lambda vm: _mib(vm, "private", "usage"), "Disk used by the private volume."),
     "PRIV-MAX": (lambda vm: _mib(vm, "private", "size"), "Size of the private volume."),

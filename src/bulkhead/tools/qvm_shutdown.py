@@ -37,13 +37,14 @@ def main(args: Sequence[str] | None = None, app: App | None = None) -> int:
         # A qube still in use as netvm refuses to shut down until its users
         # have: retry those in rounds, after the others have halted.
         remaining: list[VM] = list(ns.domains)
+        commit_failures: dict[str, str] = {}
         for _ in range(len(ns.domains)):
             refused = _request(parser, remaining, force, report=False)
             asked = [vm for vm in remaining if vm not in refused]
             remaining = refused
             if not asked:
                 break
-            for vm in wait_until_halted(ns.app, asked, ns.timeout):
+            for vm in wait_until_halted(ns.app, asked, ns.timeout, commit_failures):
                 parser.log(ns, f"{vm.name}: did not shut down in {ns.timeout:g} s, killing it")
                 try:
                     vm.kill()
@@ -52,6 +53,9 @@ def main(args: Sequence[str] | None = None, app: App | None = None) -> int:
             if not remaining:
                 break
         failed = [vm for vm in ns.domains if not is_halted(vm)]
+        if commit_failures and not failed:
+            # The qubes halted, but what they wrote is not committed: say so, one line each.
+            parser.error_runtime("\n".join(commit_failures.values()), len(commit_failures))
         if failed:
             parser.error_runtime("Failed to shut down: " + ", ".join(vm.name for vm in failed),
                                  len(failed))

@@ -1,0 +1,117 @@
+"""QEMU's command line for a qube: machine, kernel, disks, channels.
+
+Every value here comes from dom0 (the qube's definition, its volumes' paths),
+never from a qube.  :mod:`bulkhead.backend.qemu` runs what this builds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .accel import Accel, host_tsc_khz
+from .base import MachineSpec
+
+QEMU = "qemu-system-x86_64"
+AGENT_PORT = "org.qubes-os.qrexec"
+# TCG's translated-code cache: QEMU's default (1 GiB reserved, filled as code runs)
+# inflates every machine's RSS.  32 MiB was measured best here: 16 makes boots 40 %
+# slower, 64 gains ~3 % for +35 MiB.  BULKHEAD_TCG_TB_SIZE_MIB overrides it (tuning).
+TCG_TB_SIZE_MIB = int(os.environ.get("BULKHEAD_TCG_TB_SIZE_MIB", "32"))
+
+
+def kernel_cmdline(spec: MachineSpec, accel: Accel) -> str:
+    """The kernel command line for a direct-boot (pvh) qube."""
+    parts = [
+        # reboot=panic_warm: a panic leaves its mark for dom0 (see the module doc).
+        "console=ttyS0", "panic=-1", "quiet", "reboot=t,panic_warm",
+        # Under TCG the guest cannot calibrate its TSC against the emulated PIT reliably.
+        f"tsc_early_khz={host_tsc_khz()}", "tsc=reliable", "no_timer_check",
+        # The qube kernel has no use for these; each costs boot time.
+        "pty.legacy_count=0", "max_loop=0", "8250.nr_uarts=1",
+        "root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/lib/bulkhead/init",
+        f"bulkhead.name={spec.name}",
+    ]
+    if spec.vcpus > 1:
+        # Bringing up the other vCPUs costs ~0.2-0.5 s of boot under TCG; the
+        # guest agent onlines them once it has said HELLO, off the path
+        # to agent-ready.
+        parts.append("maxcpus=1")
+    if spec.extra.get("resize_private") == "1":
+        parts.append("bulkhead.resize_private=1")
+    if spec.kernelopts:
+        parts.append(spec.kernelopts)
+    return " ".join(parts)
+
+
+def _opt(path: Path | str) -> str:
+    """A path inside QEMU's ``key=value,...`` options: commas are doubled."""
+    return str(path).replace(",", ",,")
+
+
+def is_direct_boot(spec: MachineSpec) -> bool:
+    return spec.kernel is not None and spec.virt_mode in ("pvh", "pv")
+
+
+def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path,
+               fds: dict[str, int] | None = None) -> list[str]:
+    """QEMU's command line for ``spec``.  Every value here comes from dom0, never from a qube.
+
+    ``fds``: the listening sockets (``qmp``, ``qrexec``, ``console``) QEMU inherits;
+    without them QEMU makes the sockets itself in ``run_dir``.
+    """
+    direct_boot = spec.kernel is not None and spec.virt_mode in ("pvh", "pv")
+    argv = [QEMU, "-name", f"guest={spec.name},debug-threads=on"]
+    if accel.name == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        argv += ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
+    if direct_boot:
+        # microvm: no PCI, no ACPI, no firmware; half the boot time of a PC under TCG.
+        argv += ["-M", "microvm,pit=on,pic=on,rtc=on,acpi=off"]
+        bus = "device"
+    else:
+        argv += ["-M", "q35"]
+        bus = "pci"
+    argv += [
+        "-m", str(spec.memory_mib), "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        # Stop rather than exit when the guest goes: dom0 reads why, then quits it.
+        "-action", "shutdown=pause",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]
+    if direct_boot:
+        argv += ["-kernel", str(spec.kernel), "-append", kernel_cmdline(spec, accel)]
+        if spec.initrd:
+            argv += ["-initrd", str(spec.initrd)]
+    for disk in spec.disks:
+        # werror=enospc: a write that finds the host's disk full pauses the machine
+        # (the write is retried on `cont`) instead of failing in the guest's filesystem.
+        opts = (f"file={_opt(disk.path)},if=none,id={disk.name},format={disk.fmt},"
+                "discard=unmap,werror=enospc")
+        if disk.readonly:
+            opts += ",readonly=on"
+        argv += ["-drive", opts,
+                 "-device", f"virtio-blk-{bus},drive={disk.name},serial={disk.name}"]
+    def chardev(name: str) -> str:
+        where = f"fd={fds[name]}" if fds else f"path={_opt(run_dir / f'{name}.sock')}"
+        return f"socket,id={name},{where},server=on,wait=off"
+
+    argv += [
+        "-device", f"virtio-serial-{bus}",
+        "-chardev", chardev("qrexec"),
+        "-device", f"virtserialport,chardev=qrexec,name={AGENT_PORT}",
+        # Without a hardware RNG, Python in the guest blocks seconds on the entropy pool.
+        "-device", f"virtio-rng-{bus}",
+        # Free page reporting: the guest hands back what it freed, so an idle qube's
+        # QEMU shrinks on the host.  (Never KSM: pages shared across qubes leak.)
+        "-device", f"virtio-balloon-{bus},free-page-reporting=on",
+        "-chardev", chardev("console"),
+        "-serial", "chardev:console",
+        "-chardev", chardev("qmp"),
+        "-mon", "chardev=qmp,mode=control",
+        # Jailed, QEMU writes this into a private tmpfs (dom0 writes the host's
+        # qemu.pid); the run directory on its command line names its instance.
+        "-pidfile", str(run_dir / "qemu.pid"),
+    ]
+    return argv
