@@ -101,6 +101,8 @@ async def clean_up_leftovers(app: Any) -> None:
 MAX_FEATURE = "preload-dispvm-max"
 LIST_FEATURE = "preload-dispvm"
 DONE_FEATURE = "preload-dispvm-completed"
+#: seconds between handing out a preload and starting its replacement
+REFILL_DELAY = 3.0
 
 
 def _preloads(base: Any) -> list[str]:
@@ -137,16 +139,20 @@ class Preloader:
                 self._set_list(base, [n for n in _preloads(base) if n != name])
                 with self.app.transaction():
                     del vm.features[DONE_FEATURE]
-                self.schedule(base)
+                # The refill boots a qube: under TCG that takes the CPU the caller's
+                # command needs now, so it waits a moment.
+                self.schedule(base, delay=REFILL_DELAY)
                 return vm
         return None
 
-    def schedule(self, base: Any) -> None:
+    def schedule(self, base: Any, delay: float = 0.0) -> None:
         task = self._filling.get(base.name)
         if task is None or task.done():
-            self._filling[base.name] = asyncio.ensure_future(self._fill(base))
+            self._filling[base.name] = asyncio.ensure_future(self._fill(base, delay))
 
-    async def _fill(self, base: Any) -> None:
+    async def _fill(self, base: Any, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
         try:
             while self.app.domains.get(base.name) is base:
                 names = [n for n in _preloads(base) if self.app.domains.get(n) is not None]
