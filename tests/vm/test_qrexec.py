@@ -3,8 +3,10 @@ hostile-sender checks, ``ask`` answered through the Admin API."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -89,9 +91,13 @@ def test_a_broken_policy_file_denies_every_call(bulkhead, two):
 
 # --- file copy --------------------------------------------------------------------------------
 
-def answer_asks(bulkhead, answer: str, stop: threading.Event) -> threading.Thread:
-    """Answer every pending ``ask`` through the Admin API, as a prompt would."""
+@contextlib.contextmanager
+def answering(bulkhead, answer: str) -> Iterator[None]:
+    """While the block runs, answer every pending ``ask`` through the Admin API, as a
+    prompt would."""
     from bulkhead.client.connection import Connection
+
+    stop = threading.Event()
 
     def loop() -> None:
         conn = Connection(str(bulkhead.socket))
@@ -102,22 +108,20 @@ def answer_asks(bulkhead, answer: str, stop: threading.Event) -> threading.Threa
                 qid = line.split()[0]
                 conn.request("dom0", "bulkhead.qrexec.AskAnswer", qid, answer.encode())
             time.sleep(0.2)
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    return t
+    threading.Thread(target=loop, daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def test_qvm_copy_asked_and_allowed_lands_byte_identical(bulkhead, two):
     bulkhead.run("work", "head -c 100000000 /dev/urandom > /home/user/big.bin && "
                          "sha256sum < /home/user/big.bin > /home/user/big.sum")
     bulkhead.run("personal", "rm -rf /home/user/QubesIncoming/work")
-    stop = threading.Event()
-    answer_asks(bulkhead, "allow personal", stop)
-    try:
+    with answering(bulkhead, "allow personal"):
         r = bulkhead.tool("qvm-run", "-p", "work", "qvm-copy-to-vm personal /home/user/big.bin",
                           check=False, timeout=600)
-    finally:
-        stop.set()
     assert r.returncode == 0, r.stderr
     want = bulkhead.run("work", "cat /home/user/big.sum").stdout
     got = bulkhead.run("personal", "sha256sum < /home/user/QubesIncoming/work/big.bin").stdout
@@ -127,13 +131,9 @@ def test_qvm_copy_asked_and_allowed_lands_byte_identical(bulkhead, two):
 def test_qvm_copy_denied_delivers_nothing(bulkhead, two):
     bulkhead.run("work", "echo secret > /home/user/small.txt")
     bulkhead.run("personal", "rm -rf /home/user/QubesIncoming/work")
-    stop = threading.Event()
-    answer_asks(bulkhead, "deny", stop)
-    try:
+    with answering(bulkhead, "deny"):
         r = bulkhead.tool("qvm-run", "-p", "work", "qvm-copy-to-vm personal /home/user/small.txt",
                           check=False, timeout=120)
-    finally:
-        stop.set()
     assert r.returncode != 0
     assert "Request refused" in r.stderr
     assert bulkhead.run("personal", "ls /home/user/QubesIncoming/work 2>/dev/null | wc -l"
@@ -253,21 +253,19 @@ OPENER = "#!/bin/sh\necho \"edited in $(hostname)\" >> \"$1\"\n"
 
 
 def test_open_in_vm_and_in_a_disposable_brings_changes_back(bulkhead, two):
-    bulkhead.run("personal", "mkdir -p /usr/local/bin && cat > /usr/local/bin/qubes-open && chmod +x "
+    bulkhead.run("personal", "mkdir -p /usr/local/bin && cat > /usr/local/bin/qubes-open && "
+                             "chmod +x "
                              "/usr/local/bin/qubes-open", user="root", input=OPENER)
     bulkhead.run("work", "echo original > /home/user/doc.txt")
-    stop = threading.Event()
-    answer_asks(bulkhead, "allow personal", stop)
-    try:
+    with answering(bulkhead, "allow personal"):
         r = bulkhead.tool("qvm-run", "-p", "work", "qvm-open-in-vm personal /home/user/doc.txt",
                           check=False, timeout=300)
-    finally:
-        stop.set()
     assert r.returncode == 0, r.stderr
     assert bulkhead.run("work", "cat /home/user/doc.txt").stdout == \
         "original\nedited in personal\n"
     # The disposable template's own files are in every disposable made from it.
-    bulkhead.run("default-dvm", "mkdir -p /usr/local/bin && cat > /usr/local/bin/qubes-open && chmod +x "
+    bulkhead.run("default-dvm", "mkdir -p /usr/local/bin && cat > /usr/local/bin/qubes-open && "
+                                "chmod +x "
                                 "/usr/local/bin/qubes-open", user="root", input=OPENER)
     bulkhead.tool("qvm-shutdown", "--wait", "default-dvm", timeout=120)
     r = bulkhead.run("work", "qvm-open-in-dvm --view-only /home/user/doc.txt", check=False)
