@@ -249,6 +249,10 @@ class Agent:
 
     def exec_request(self, chan, payload):
         user, command = P.split_exec(payload)
+        self.run_in_spare(chan, user, command)
+
+    def run_in_spare(self, chan, user, command):
+        """Run ``command`` as ``user`` in a prespawned shell (a new one if none waits)."""
         if not self.check_new_call(chan):
             return
         pool = self.spares.get(user)
@@ -287,6 +291,13 @@ class Agent:
                     return self.start_call(chan, user, path, [path], {},
                                            run=lambda: socket_relay(path, header))
                 if os.path.isfile(path):
+                    if _is_sh_script(path) and _plain(source):
+                        # Sourced by a prespawned shell: no exec of a new /bin/sh, which
+                        # is most of a trivial call's time under TCG.  (Only $0 differs.)
+                        self.run_in_spare(chan, user, "export QREXEC_REMOTE_DOMAIN=%s "
+                                          "QREXEC_SERVICE_FULL_NAME=%s QREXEC_SERVICE_ARGUMENT=%s; "
+                                          ". %s" % (source, service, arg, path))
+                        return
                     if os.access(path, os.X_OK):
                         prog, argv = path, [path]
                     else:
@@ -504,6 +515,22 @@ class Agent:
                 call.credit -= len(data)
                 self.send(call.out_fds[fd], call.chan, data)
         self.maybe_finish(call)
+
+
+def _plain(word):
+    return bool(word) and all(c.isascii() and (c.isalnum() or c in "._-") for c in word)
+
+
+def _is_sh_script(path):
+    """An executable ``#!/bin/sh`` script, whose name and arguments are plain words
+    (service names, qube names: checked by the protocol), so safe in a shell line."""
+    if not os.access(path, os.X_OK) or not all(c.isalnum() or c in "/._+-" for c in path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.readline(64).rstrip() == b"#!/bin/sh"
+    except OSError:
+        return False
 
 
 def _mode(path):
