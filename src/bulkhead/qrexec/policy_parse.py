@@ -280,7 +280,10 @@ class PolicyLoader:
             return None
         return lines
 
-    def _load_file(self, path: Path, at: tuple[Path, int] | None, depth: int) -> None:
+    def _each_line(self, path: Path, at: tuple[Path, int] | None, depth: int,
+                   handle: Callable[[int, str], None]) -> None:
+        """Read ``path`` (once on the include stack) and hand each rule line to ``handle``;
+        a line's error is recorded and the next line is read."""
         if not self._enter(path, at, depth):
             return
         lines = self._lines(path, at)
@@ -293,11 +296,15 @@ class PolicyLoader:
                 if not line or line.startswith("#"):
                     continue
                 try:
-                    self._line(path, lineno, line, depth)
+                    handle(lineno, line)
                 except PolicySyntaxError as e:
                     self._error(e)
         finally:
             self._stack.pop()
+
+    def _load_file(self, path: Path, at: tuple[Path, int] | None, depth: int) -> None:
+        self._each_line(path, at, depth,
+                        lambda lineno, line: self._line(path, lineno, line, depth))
 
     def _line(self, path: Path, lineno: int, line: str, depth: int) -> None:
         fields = line.split()
@@ -345,41 +352,30 @@ class PolicyLoader:
     def _load_service_file(self, service: str, argument: str, path: Path,
                            at: tuple[Path, int], depth: int) -> None:
         """A file in the old per-service format, for one service and argument."""
-        if not self._enter(path, at, depth):
+        self._each_line(path, at, depth, lambda lineno, line: self._service_line(
+            service, argument, path, lineno, line, depth))
+
+    def _service_line(self, service: str, argument: str, path: Path, lineno: int, line: str,
+                      depth: int) -> None:
+        # the old format's spellings, as Qubes still accepts them
+        line = line.replace("$include:", "!include ").replace("$", "@")
+        fields = line.replace(",", " ").split()
+        if fields[0] == "!include":
+            if len(fields) != 2:
+                raise PolicySyntaxError(path, lineno, "!include takes 1 parameter")
+            self._load_service_file(service, argument, self._resolve(fields[1]),
+                                    (path, lineno), depth + 1)
             return
-        lines = self._lines(path, at)
-        if lines is None:
-            return
-        self._stack.append(path)
-        try:
-            for lineno, raw in enumerate(lines, start=1):
-                line = raw.strip()
-                if not line or line.startswith("#"):
-                    continue
-                # the old format's spellings, as Qubes still accepts them
-                line = line.replace("$include:", "!include ").replace("$", "@")
-                fields = line.replace(",", " ").split()
-                try:
-                    if fields[0] == "!include":
-                        if len(fields) != 2:
-                            raise PolicySyntaxError(path, lineno, "!include takes 1 parameter")
-                        self._load_service_file(service, argument, self._resolve(fields[1]),
-                                                (path, lineno), depth + 1)
-                        continue
-                    if fields[0].startswith("!"):
-                        raise PolicySyntaxError(path, lineno, f"only !include is allowed in a "
-                                                              f"per-service file, not {fields[0]!r}")
-                    if len(fields) < 3:
-                        raise PolicySyntaxError(path, lineno, "wrong number of fields (SOURCE "
-                                                              "TARGET ACTION[,PARAM=VALUE...])")
-                    source, target, action, *params = fields
-                    self.result.rules.append(parse_rule(
-                        service, argument, source, target, action, params,
-                        path=path, lineno=lineno, text=f"{service} {argument} {line}"))
-                except PolicySyntaxError as e:
-                    self._error(e)
-        finally:
-            self._stack.pop()
+        if fields[0].startswith("!"):
+            raise PolicySyntaxError(path, lineno, f"only !include is allowed in a "
+                                                  f"per-service file, not {fields[0]!r}")
+        if len(fields) < 3:
+            raise PolicySyntaxError(path, lineno, "wrong number of fields (SOURCE "
+                                                  "TARGET ACTION[,PARAM=VALUE...])")
+        source, target, action, *params = fields
+        self.result.rules.append(parse_rule(
+            service, argument, source, target, action, params,
+            path=path, lineno=lineno, text=f"{service} {argument} {line}"))
 
 
 def load_policy(policy_dir: Path,
