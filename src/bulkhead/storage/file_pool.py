@@ -54,7 +54,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from ..backend.base import DiskSpec
 from ..errors import QubesValueError, StoragePoolException
@@ -470,28 +470,16 @@ class FileVolume(Volume):
                 await qemu_img.backing_of(old) is None:
             # The successor holds more (a session that wrote a lot): copying the old
             # image's clusters into it costs less time and room than the other way.
-            try:
-                await qemu_img.absorb_backing(successor)
-            except StoragePoolException as e:
-                if is_no_space(e):
-                    raise StoragePoolException(self.pool.no_space_message(
-                        f"merging an old revision of volume {self.vid}",
-                        old.stat().st_blocks * 512)) from e
-                raise
+            await self._merge_step(qemu_img.absorb_backing(successor),
+                                   lambda: old.stat().st_blocks * 512)
             qemu_img.fsync_file(successor)
             old.unlink()
             qemu_img.fsync_dir(self.dir)
         else:
             if self._poisoned() != old.name:
                 _write_atomically(self.dir / MERGE_STAMP, old.name)
-            try:
-                await qemu_img.commit_into_backing(successor)
-            except StoragePoolException as e:
-                if is_no_space(e):
-                    raise StoragePoolException(self.pool.no_space_message(
-                        f"merging an old revision of volume {self.vid}",
-                        successor.stat().st_blocks * 512)) from e
-                raise
+            await self._merge_step(qemu_img.commit_into_backing(successor),
+                                   lambda: successor.stat().st_blocks * 512)
             qemu_img.fsync_file(old)
             st = successor.stat()
             os.utime(old, ns=(st.st_atime_ns, st.st_mtime_ns))  # the revision's date stays
@@ -499,6 +487,17 @@ class FileVolume(Volume):
             qemu_img.fsync_dir(self.dir)
         (self.dir / MERGE_STAMP).unlink(missing_ok=True)
         qemu_img.fsync_dir(self.dir)
+
+    async def _merge_step(self, step: Awaitable[None], needed: Callable[[], int]) -> None:
+        """One qemu-img step of a merge; a full disk becomes the pool's one-line message
+        with the room the step needs."""
+        try:
+            await step
+        except StoragePoolException as e:
+            if is_no_space(e):
+                raise StoragePoolException(self.pool.no_space_message(
+                    f"merging an old revision of volume {self.vid}", needed())) from e
+            raise
 
     # --- changes requested by the user ---------------------------------------
     def _refuse_if_started(self, what: str) -> None:
