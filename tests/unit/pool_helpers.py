@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from bulkhead.storage import file_pool
-from bulkhead.storage.file_pool import FilePool, FileVolume
+from bulkhead.storage import file_volume
+from bulkhead.storage.file_pool import FilePool
+from bulkhead.storage.file_volume import FileVolume
 from bulkhead.storage.pool import VolumeConfig
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
@@ -121,4 +122,4 @@ def chain(vol: FileVolume) -> list[str | None]:
 
 
 def tmp_files(vol: FileVolume) -> list[str]:
-    return [p.name for p in vol.dir.iterdir() if p.name.startswith(file_pool.TMP_PREFIX)]
+    return [p.name for p in vol.dir.iterdir() if p.name.startswith(file_volume.TMP_PREFIX)]

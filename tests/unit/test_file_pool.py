@@ -12,7 +12,7 @@ import subprocess
 from typing import Any
 import pytest
 from bulkhead.errors import QubesValueError, StoragePoolException
-from bulkhead.storage import file_pool
+from bulkhead.storage import file_volume
 from bulkhead.storage.file_pool import FilePool
 from bulkhead.storage.pool import VolumeConfig
 from pool_helpers import (
@@ -245,7 +245,7 @@ def test_snapshot_of_the_source_committed_image(tmp_path):
     # Stopping throws the snapshot away, and the next start sees the new template.
     run(app.stop())
     assert not app.is_dirty() and not app.is_outdated()
-    assert not (app.dir / file_pool.SOURCE_STAMP).exists()
+    assert not (app.dir / file_volume.SOURCE_STAMP).exists()
     assert app.committed_path() is None
     spec = run(app.start())
     assert has_pattern(spec.path, 0x55)

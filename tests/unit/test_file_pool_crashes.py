@@ -16,8 +16,8 @@ import subprocess
 from typing import Any, Callable
 
 import pytest
-from bulkhead.storage import file_pool, qemu_img
-from bulkhead.storage.file_pool import FileVolume
+from bulkhead.storage import file_volume, qemu_img
+from bulkhead.storage.file_volume import FileVolume
 from pool_helpers import (
     CHUNK,
     run,
@@ -44,8 +44,8 @@ class Crasher:
     for the image it writes into: the copy finished but nothing after it ran.
     """
 
-    SYNC = ((file_pool.os, "rename"), (file_pool.os, "replace"), (file_pool.os, "unlink"),
-            (qemu_img, "fsync_file"), (qemu_img, "fsync_dir"), (file_pool, "_write_atomically"))
+    SYNC = ((file_volume.os, "rename"), (file_volume.os, "replace"), (file_volume.os, "unlink"),
+            (qemu_img, "fsync_file"), (qemu_img, "fsync_dir"), (file_volume, "_write_atomically"))
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int) -> None:
         self.at = at
@@ -120,7 +120,7 @@ def crash_every_step(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
             crasher = Crasher(m, at)
             try:
                 run(operation(vol))
-            except (SimulatedCrash, file_pool.StoragePoolException) as e:
+            except (SimulatedCrash, file_volume.StoragePoolException) as e:
                 assert crasher.crashed, f"failed without a crash: {e}"
         if not crasher.crashed:
             check_final(vol)
@@ -172,7 +172,7 @@ def test_commit_and_merge_crashed_at_every_step(tmp_path, monkeypatch):
         assert [content(p) for _, p in vol._revision_files()] == [B]
         assert vol.expired() == [] and not vol.is_dirty()
         assert "backing-filename" not in info(vol._images()[0][1])   # the oldest stands alone
-        assert not (vol.dir / file_pool.MERGE_STAMP).exists()
+        assert not (vol.dir / file_volume.MERGE_STAMP).exists()
         run(vol.revert())
         assert content(vol.current) == B
 
@@ -260,7 +260,7 @@ def test_a_half_merged_revision_is_never_offered_for_revert(tmp_path):
     # The crash left the merge of the oldest image half done: some of its successor's
     # clusters were copied into it, so it no longer is a revision of its own.
     old, successor = images[0], images[1]
-    (vol.dir / file_pool.MERGE_STAMP).write_text(old.name)
+    (vol.dir / file_volume.MERGE_STAMP).write_text(old.name)
     subprocess.run(["qemu-io", "-c", f"write -P 0x41 0 {CHUNK}", str(old)], check=True,
                    capture_output=True)
     again = private(make_pool(tmp_path), keep=1)
@@ -271,7 +271,7 @@ def test_a_half_merged_revision_is_never_offered_for_revert(tmp_path):
     assert again.revisions() == {}
     # The merge is finished at the next chance, and the content is still whole.
     run(again.merge_expired())
-    assert len(again._images()) == 1 and not (again.dir / file_pool.MERGE_STAMP).exists()
+    assert len(again._images()) == 1 and not (again.dir / file_volume.MERGE_STAMP).exists()
     assert has_pattern(again.current, 0x41, 0) and has_pattern(again.current, 0x00, CHUNK)
     assert successor.exists()
 
@@ -290,7 +290,7 @@ def test_revert_crashed_at_every_step(tmp_path, monkeypatch):
     def final(vol: FileVolume) -> None:
         assert content(vol.current)[0] == 0x41
         assert [content(p)[0] for _, p in vol._revision_files()] == [0x00]
-        assert not (vol.dir / file_pool.REVERT_STAMP).exists()
+        assert not (vol.dir / file_volume.REVERT_STAMP).exists()
 
     def finish(vol: FileVolume) -> None:
         run(vol.stop())        # the new daemon settles the volume: recovery runs
@@ -338,10 +338,10 @@ def test_a_start_that_cannot_make_its_overlay_leaves_nothing(tmp_path, monkeypat
 
     async def full(path: Any, *args: Any, **kwargs: Any) -> None:
         path.write_bytes(b"QFI\xfb partial")
-        raise file_pool.StoragePoolException(
+        raise file_volume.StoragePoolException(
             "qemu-img create failed: Could not write: No space left on device")
     monkeypatch.setattr(qemu_img, "create", full)
-    with pytest.raises(file_pool.StoragePoolException, match=r"no space left in pool .* needs"):
+    with pytest.raises(file_volume.StoragePoolException, match=r"no space left in pool .* needs"):
         run(vol.start())
     assert tmp_files(vol) == [] and not vol.is_dirty()
     assert has_pattern(vol.current, 0x41)

@@ -24,7 +24,8 @@ from pathlib import Path
 from ..backend.base import DiskSpec
 from ..errors import StoragePoolException
 from . import qemu_img
-from .file_pool import TMP_PREFIX, FilePool, FileVolume, is_no_space
+from .file_pool import FilePool
+from .file_volume import TMP_PREFIX, FileVolume, is_no_space
 from .pool import Volume
 
 FICLONE = 0x40049409   # _IOW(0x94, 9, int), linux/fs.h
