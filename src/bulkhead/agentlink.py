@@ -156,6 +156,35 @@ class AgentLink:
             self.state = LinkState.READY
             self._ready_at = loop.time()
 
+    async def connect_restored(self, timeout: float) -> None:
+        """Connect to an agent that is being restored from a saved boot state.
+
+        The saved agent had finished its HELLOs with the dom0 that saved it, and
+        dom0 connects before the restore completes, so the guest never sees its
+        port close: no HELLO comes, and the link is ready as soon as it connects
+        (see :mod:`bulkhead.bootstate`).
+        """
+        async with self._connect_lock:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            self.state = LinkState.CONNECTING
+            while True:
+                try:
+                    self._reader, self._writer = await asyncio.open_unix_connection(
+                        self.socket_path, limit=P.MAX_PAYLOAD)
+                    break
+                except (FileNotFoundError, ConnectionRefusedError) as e:
+                    if loop.time() > deadline:
+                        self.state = LinkState.DISCONNECTED
+                        raise AgentLinkError(f"qube {self.qube!r}: cannot connect to the "
+                                             f"restored agent's port: {e}") from None
+                    await asyncio.sleep(0.005)
+            self._hello = loop.create_future()
+            self._hello.set_result(None)
+            self._task = asyncio.create_task(self._read_loop(self._reader, self._hello))
+            self.state = LinkState.READY
+            self._ready_at = loop.time()
+
     def close(self, reason: str) -> None:
         """Drop the link: every call in progress fails with ``reason``."""
         if self.state == LinkState.DISCONNECTED and not self.calls:
@@ -245,6 +274,12 @@ class AgentLink:
             raise AgentLinkError("user, service or source name too long")
         call = self._new_call()
         await self._open(call, P.SERVICE, payload)
+        return call
+
+    async def resume(self, payload: bytes) -> Call:
+        """RESUME: a restored qube's own part of the boot, as a call (see bulkhead.bootstate)."""
+        call = self._new_call()
+        await self._open(call, P.RESUME, payload)
         return call
 
     async def _open(self, call: Call, mtype: int, payload: bytes) -> None:

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     tsub = s.add_subparsers(dest="template_command", required=True)
     b = tsub.add_parser("build", help="rebuild a template's image and import it as a new root revision")
     b.add_argument("name", choices=["debian-12"])
+    s = sub.add_parser("boot-state", help="a qube's saved boot state: ready, building, missing or off")
+    s.add_argument("qube")
+    s.add_argument("--build", action="store_true", help="build it now if it is missing, and wait")
     # listed for --help; main() hands "policy ..." to bulkhead.qrexec.policy_cli
     sub.add_parser("policy", help="the qrexec policy: why, log, lint")
     return p
@@ -60,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_daemon(paths, detach=args.detach) or 0
         if args.command == "info":
             return info(paths)
+        if args.command == "boot-state":
+            from .client.connection import Connection
+            reply = Connection(str(paths.socket)).call(args.qube, "bulkhead.vm.BootState", None,
+                                                       b"build" if args.build else b"")
+            print(reply.decode() if isinstance(reply, bytes) else reply, end="")
+            return 0
         if args.command == "template":
             from .client.app import App
             from .client.connection import Connection

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import bootstate
 from .agentlink import REFUSED, AgentLink, AgentLinkError
 from .backend.accel import Accel, detect
 from .backend.base import Backend, DiskSpec, ExitReason, Machine, MachineSpec, PowerState
@@ -63,6 +64,7 @@ class QemuLifecycle:
         # waits for that stop (qvm-shutdown --wait, qvm-kill).
         self._stop_errors: dict[str, str] = {}
         self.disk_monitor = DiskMonitor(app)
+        self.boot_states = bootstate.BootStates(self, paths.home / "boot-states")
 
     # --- the backend, created on first use (detecting KVM boots a kernel) ------
     @property
@@ -182,17 +184,33 @@ class QemuLifecycle:
         name = vm.name
         if self.is_running(vm):
             raise QubesVMNotHaltedError(vm, f"Domain is already running: {name!r}")
+        try:
+            await self._start(vm, use_saved_state=True)
+        except bootstate.RestoreFailed as e:
+            # The state would not load (QEMU refused it): it is never tried again,
+            # and this start boots cold.
+            log.warning("qube %s: %s; discarding the saved boot state and booting cold",
+                        name, e)
+            self.boot_states.discard(e.key)
+            await self._start(vm, use_saved_state=False)
+
+    async def _start(self, vm: "QubesVM", use_saved_state: bool) -> None:
+        name = vm.name
         self.starting.add(name)
         self.crashed.discard(name)
         self._stop_errors.pop(name, None)
         self.disk_monitor.ensure_running()
         started: list[Volume] = []
         try:
+            t_start = asyncio.get_running_loop().time()
             extra: dict[str, str] = {}
             volumes = self.volumes(vm)
+            saved = self._saved_state(vm, volumes) if use_saved_state else None
             # Each start runs qemu-img; they are independent, so run them side by side.
-            results = await asyncio.gather(*(vol.start() for vol in volumes),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(vol.start(saved_root=saved.root) if saved and vol.name == "root"  # type: ignore[call-arg]
+                  else vol.start() for vol in volumes),
+                return_exceptions=True)
             started.extend(v for v, r in zip(volumes, results) if not isinstance(r, BaseException))
             for r in results:
                 if isinstance(r, BaseException):
@@ -202,16 +220,30 @@ class QemuLifecycle:
                 if vol.name == "private" and getattr(vol, "fs_resize_pending", lambda: False)():
                     extra["resize_private"] = "1"
             spec = self._spec(vm, tuple(disks), extra)
+            if saved is not None:
+                spec = bootstate.restore_spec(spec)
             self._stopped[name] = asyncio.get_running_loop().create_future()
+            t_volumes = asyncio.get_running_loop().time()
             machine = await self.backend.start(spec, self._on_exit)
+            t_launch = asyncio.get_running_loop().time()
             self.machines[name] = machine
             self._watch_disk_errors(vm, machine)
             link = AgentLink(name, str(machine.agent_socket), on_call=self._on_call)
             self.links[name] = link
             try:
-                await link.ensure_ready(float(vm.qrexec_timeout))
+                if saved is not None:
+                    await self.boot_states.restore(vm, machine, link, saved,
+                                                   extra.get("resize_private") == "1",
+                                                   float(vm.qrexec_timeout))
+                else:
+                    await link.ensure_ready(float(vm.qrexec_timeout))
             except AgentLinkError as e:
                 raise QubesVMError(vm, f"{e}; the qube's console log is {machine.console_log}") from e
+            now = asyncio.get_running_loop().time()
+            log.info("qube %s started (%s): volumes %.0f ms, QEMU launched %.0f ms, "
+                     "agent ready %.0f ms", name, "restored" if saved else "cold",
+                     (t_volumes - t_start) * 1000, (t_launch - t_volumes) * 1000,
+                     (now - t_launch) * 1000)
         except BaseException as e:
             await self._undo_start(vm, started)
             if isinstance(e, QubesException):
@@ -225,6 +257,53 @@ class QemuLifecycle:
             if vol.name == "private" and hasattr(vol, "clear_fs_resize"):
                 vol.clear_fs_resize()
         self._announce.add(name)
+
+    def _saved_state(self, vm: "QubesVM", volumes: list[Volume]) -> "bootstate.SavedState | None":
+        """The saved boot state this start restores, if one is ready; if none is, one
+        is built in the background for the next start (this one boots cold)."""
+        states = self.boot_states
+        if not states.wanted(vm) or not volumes or volumes[0].name != "root":
+            return None
+        root = volumes[0]
+        source_of = getattr(root, "_source_volume", None)
+        if source_of is None or not hasattr(root, "dirty"):
+            return None   # only the file pool's snapshots can sit on a frozen root
+        try:
+            source = source_of()
+            image = source.committed_path()
+            if image is None:
+                return None
+            shape = self._spec(vm, tuple(DiskSpec(v.name, Path("/" + v.name), "qcow2",
+                                                  readonly=not v.config.rw)
+                                         for v in volumes), {})
+            key = states.key_for(shape, Path(image))
+        except (OSError, QubesException) as e:
+            log.info("qube %s: no saved boot state (%s)", vm.name, e)
+            return None
+        found = states.find(key)
+        if found is None:
+            states.build_later(key, shape, str(root.config.source), Path(image))
+        return found
+
+    async def boot_state(self, vm: "QubesVM", build: bool = False) -> str:
+        """One line on ``vm``'s saved boot state: ``ready KEY``, ``building KEY``,
+        ``missing KEY`` or ``off``; with ``build``, it is built first if missing."""
+        states = self.boot_states
+        volumes = self.volumes(vm)
+        if not states.wanted(vm):
+            return "off"
+        found = self._saved_state(vm, volumes)
+        key = states.last_key
+        if found is None and build and key is not None:
+            found = await states.build_now(key, *states.last_inputs)
+            if found is None:
+                raise QubesVMError(vm, f"qube {vm.name!r}: its saved boot state could not be "
+                                       "built; see the daemon's log")
+        if found is not None:
+            return f"ready {found.key}"
+        if key is None:
+            return "off"
+        return ("building " if states.building(key) else "missing ") + key
 
     def _spec(self, vm: "QubesVM", disks: tuple[DiskSpec, ...], extra: dict[str, str]) -> MachineSpec:
         kernel_version = vm.kernel or ""

@@ -107,6 +107,15 @@ class Machine(abc.ABC):
         the new capacity at once."""
         raise BackendError(f"qube {self.name!r}: this backend cannot grow a disk while it runs")
 
+    async def save_state(self, path: Path) -> int:
+        """Stop the machine and write its state to ``path`` (a saved boot state)."""
+        raise BackendError(f"qube {self.name!r}: this backend cannot save a machine's state")
+
+    async def restore_state(self, path: Path) -> None:
+        """Load the state saved in ``path`` into this machine, started to receive one
+        (``extra["boot_state"] = "restore"``); it stays stopped until :meth:`unpause`."""
+        raise BackendError(f"qube {self.name!r}: this backend cannot restore a saved state")
+
     @abc.abstractmethod
     async def power_button(self) -> None:
         """Ask the guest's firmware/kernel to shut down (ACPI); a fallback after the agent."""

@@ -137,6 +137,59 @@ class QemuMachine(Machine):
     async def block_resize(self, device: str, size: int) -> None:
         await self._qmp("block_resize", device=device, size=size)
 
+    # --- saved boot states (see bulkhead.bootstate) ------------------------------
+    async def save_state(self, path: Path) -> int:
+        """Stop the guest and write its whole state to ``path`` (QEMU's migration stream,
+        through a descriptor dom0 opened: the jailed QEMU cannot open files).  The
+        machine stays stopped; the caller kills it.  Returns the file's size."""
+        await self._qmp("stop")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await self._pass_fd(fd, "boot-state")
+        finally:
+            os.close(fd)
+        # QEMU's default cap (128 MiB/s) is for live migration over a network.
+        await self._qmp("migrate-set-parameters", **{"max-bandwidth": 64 * 2**30})
+        await self._qmp("migrate", uri="fd:boot-state")
+        await self._wait_migration("saving")
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return path.stat().st_size
+
+    async def restore_state(self, path: Path) -> None:
+        """Load a saved state into this machine, started with ``-incoming defer``, and
+        leave it stopped (the caller points its disks, then continues it)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await self._pass_fd(fd, "boot-state")
+        finally:
+            os.close(fd)
+        await self._qmp("migrate-incoming", uri="fd:boot-state")
+        await self._wait_migration("restoring")
+
+    async def _pass_fd(self, fd: int, name: str) -> None:
+        if self.state != MachineState.RUNNING:
+            raise BackendError(f"qube {self.name!r}: its QEMU is not running")
+        try:
+            self.qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as e:
+            raise BackendError(f"qube {self.name!r}: cannot pass a file to QEMU: {e}") from e
+        await self._qmp("getfd", fdname=name)
+
+    async def _wait_migration(self, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self._qmp("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise BackendError(f"qube {self.name!r}: {what} its state failed: "
+                                   f"{str(info.get('error-desc', status))[:300]}")
+            if time.monotonic() > deadline:
+                raise BackendError(f"qube {self.name!r}: {what} its state took over {timeout:.0f} s")
+            await asyncio.sleep(0.005)
+
     async def _follow_disk_errors(self, listener: EventListener) -> None:
         """BLOCK_IO_ERROR with action "stop": the machine paused on a full disk."""
         try:

@@ -30,14 +30,19 @@ def kernel_cmdline(spec: MachineSpec, accel: Accel) -> str:
         # The qube kernel has no use for these; each costs boot time.
         "pty.legacy_count=0", "max_loop=0", "8250.nr_uarts=1",
         "root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/lib/bulkhead/init",
-        f"bulkhead.name={spec.name}",
     ]
+    if spec.extra.get("boot_state") in ("save", "restore"):
+        # A boot whose state is saved, and every restore of it, has one command line
+        # naming no qube: the qube's name and volumes come after the restore.
+        parts.append("bulkhead.saved=1")
+    else:
+        parts.append(f"bulkhead.name={spec.name}")
     if spec.vcpus > 1:
         # Bringing up the other vCPUs costs ~0.2-0.5 s of boot under TCG; the
         # guest agent onlines them once it has said HELLO, off the path
         # to agent-ready.
         parts.append("maxcpus=1")
-    if spec.extra.get("resize_private") == "1":
+    if spec.extra.get("resize_private") == "1" and "boot_state" not in spec.extra:
         parts.append("bulkhead.resize_private=1")
     if spec.kernelopts:
         parts.append(spec.kernelopts)
@@ -114,4 +119,7 @@ def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path,
         # qemu.pid); the run directory on its command line names its instance.
         "-pidfile", str(run_dir / "qemu.pid"),
     ]
+    if spec.extra.get("boot_state") == "restore":
+        # Wait, stopped, for the saved state that dom0 hands over QMP (migrate-incoming).
+        argv += ["-incoming", "defer"]
     return argv

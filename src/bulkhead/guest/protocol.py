@@ -51,6 +51,7 @@ PONG = 11          # g
 ERROR = 12         # g    UTF-8 message: the call could not start; an EXIT follows
 SERVICE = 13       # d    b"user\0service+argument\0source-qube": run a qrexec service
 CALL = 14          # g    b"target\0service+argument": call a qrexec service in another qube
+RESUME = 15        # d    a restored qube's own part of the boot (see :func:`pack_resume`)
 
 GUEST_CHANNEL = 0x80000000   # set in the numbers of the channels the guest opens
 
@@ -58,6 +59,7 @@ NAMES = {
     HELLO: "HELLO", EXEC: "EXEC", STDIN: "STDIN", STDOUT: "STDOUT", STDERR: "STDERR",
     EXIT: "EXIT", CREDIT: "CREDIT", SIGNAL: "SIGNAL", SHUTDOWN: "SHUTDOWN",
     PING: "PING", PONG: "PONG", ERROR: "ERROR", SERVICE: "SERVICE", CALL: "CALL",
+    RESUME: "RESUME",
 }
 MAX_TARGET = 64
 
@@ -66,12 +68,13 @@ PAYLOAD_LIMIT = {
     HELLO: 4, EXEC: MAX_USER + 1 + MAX_COMMAND, STDIN: MAX_PAYLOAD, STDOUT: MAX_PAYLOAD,
     STDERR: MAX_PAYLOAD, EXIT: 4, CREDIT: 4, SIGNAL: 4, SHUTDOWN: 0, PING: 64, PONG: 64,
     ERROR: 1024, SERVICE: MAX_USER + 1 + 256 + 1 + 32, CALL: MAX_TARGET + 1 + 256,
+    RESUME: 64 + 128,
 }
 
 CONTROL_ONLY = frozenset({HELLO, SHUTDOWN, PING, PONG})
 # Who may send what, on whose channels: (on dom0's channels, on the guest's channels).
 _GUEST_SENDS = (frozenset({STDOUT, STDERR, EXIT, CREDIT, ERROR}), frozenset({CALL, STDIN, CREDIT}))
-_DOM0_SENDS = (frozenset({EXEC, SERVICE, STDIN, CREDIT, SIGNAL}),
+_DOM0_SENDS = (frozenset({EXEC, SERVICE, RESUME, STDIN, CREDIT, SIGNAL}),
                frozenset({STDOUT, STDERR, EXIT, CREDIT, ERROR}))
 FROM_GUEST = frozenset({HELLO, PONG}) | _GUEST_SENDS[0] | _GUEST_SENDS[1]
 FROM_DOM0 = frozenset({HELLO, SHUTDOWN, PING}) | _DOM0_SENDS[0] | _DOM0_SENDS[1]
@@ -233,3 +236,43 @@ def split_service(payload):
     if not valid_service_name(service):
         raise ProtocolViolation("invalid service name %r" % service[:64])
     return user, service, source
+
+
+# --- RESUME: a qube restored from a saved boot state finishes its own boot -------------
+# The saved state was taken before any per-qube volume was read, under a neutral
+# name.  The restored guest must (1) reseed its kernel's RNG with dom0's fresh bytes
+# before anything else runs, (2) forget what its kernel learnt about the
+# placeholder disks it booted with (capacity, cached sectors), then (3) run the
+# qube's own part of the boot (name, private volume, services): a call whose
+# output and exit code dom0 reads like any other.
+SEED_BYTES = 64
+
+
+def pack_resume(seed, name, resize_private, disk_sectors):
+    """dom0's RESUME payload: 64 random bytes, then ``name\0resize\0vdb=N,vdc=M``."""
+    if len(seed) != SEED_BYTES:
+        raise ValueError("the seed must be %d bytes" % SEED_BYTES)
+    disks = ",".join("%s=%d" % (d, n) for d, n in sorted(disk_sectors.items()))
+    return seed + b"\0".join([name.encode("ascii"), b"1" if resize_private else b"0",
+                              disks.encode("ascii")])
+
+
+def split_resume(payload):
+    """-> (seed, name, resize_private, {disk: sectors}); raises ProtocolViolation."""
+    seed, rest = payload[:SEED_BYTES], payload[SEED_BYTES:]
+    parts = rest.split(b"\0")
+    if len(seed) != SEED_BYTES or len(parts) != 3:
+        raise ProtocolViolation("RESUME payload must be seed, name\0resize\0disks")
+    try:
+        name, resize, disks = (p.decode("ascii") for p in parts)
+    except UnicodeDecodeError:
+        raise ProtocolViolation("RESUME payload is not ASCII") from None
+    if not valid_call_target(name) or name.startswith("@") or resize not in ("0", "1"):
+        raise ProtocolViolation("RESUME: bad name or flag")
+    sizes = {}
+    for item in filter(None, disks.split(",")):
+        disk, sep, n = item.partition("=")
+        if not sep or disk not in ("vdb", "vdc") or not n.isdigit() or len(n) > 15:
+            raise ProtocolViolation("RESUME: bad disk size %r" % item[:32])
+        sizes[disk] = int(n)
+    return seed, name, resize == "1", sizes

@@ -72,6 +72,7 @@ GUEST_FILES = [
     ("guest/files/qvm-open-in-vm", "usr/bin/qvm-open-in-dvm", 0o755),
     ("guest/files/qrexec-agent", "usr/lib/bulkhead/qrexec-agent", 0o755),
     ("guest/files/rc.sysinit", "usr/lib/bulkhead/rc.sysinit", 0o755),
+    ("guest/files/rc.qube", "usr/lib/bulkhead/rc.qube", 0o755),
     ("guest/files/rc.shutdown", "usr/lib/bulkhead/rc.shutdown", 0o755),
     ("guest/files/inittab", "etc/inittab", 0o644),
     ("guest/files/fstab", "etc/fstab", 0o644),

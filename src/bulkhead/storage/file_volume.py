@@ -368,7 +368,10 @@ class FileVolume(Volume):
                 break
             parent = parent.parent
 
-    async def start(self) -> DiskSpec:
+    async def start(self, saved_root: Path | None = None) -> DiskSpec:
+        """Make the started copy the machine gets.  ``saved_root``: for a snapshot, the
+        frozen root of a saved boot state (an overlay on the source's current image,
+        see :mod:`bulkhead.bootstate`) to put the fresh overlay on instead."""
         self.dir.mkdir(parents=True, exist_ok=True)
         c = self.config
         if c.save_on_stop and not c.snap_on_start:
@@ -398,7 +401,7 @@ class FileVolume(Volume):
             self._clean_tmp()
             self.dirty.unlink(missing_ok=True)
             # The snapshot has the source's size: a template's root defines its AppVMs' roots.
-            tmp = await self._new_image("start", None, src.absolute())
+            tmp = await self._new_image("start", None, (saved_root or src).absolute())
             _write_atomically(self.dir / SOURCE_STAMP, str(src))
             os.rename(tmp, self.dirty)
         else:
