@@ -6,8 +6,12 @@ Prints:
   tiny initramfs whose /init prints a line -- the floor nothing of Bulkhead's
   is in;
 - cold start: ``admin.vm.Start`` of an AppVM until it returns, i.e. volumes
-  prepared, QEMU launched, kernel booted, init run and the guest agent's HELLO;
+  prepared, QEMU launched, kernel booted, init run and the guest agent's HELLO
+  (the qube has the feature ``boot-state=0``);
 - their ratio;
+- restored start: the same for an AppVM of the same shape started from its
+  saved boot state (bulkhead/bootstate.py), until its own part of the boot is
+  done (private volume mounted, name set), against cold and bare;
 - the cold start again on a second instance whose daemon runs QEMU unjailed
   (``BULKHEAD_JAIL=0``): the jail's cost (goal <= 1.10 x unjailed);
 - the median round trip of running ``true`` in the running qube through the
@@ -16,6 +20,7 @@ Prints:
   qubes' QEMUs counted once per machine rather than once per process).
 
 Goals (TCG on the 2-core CI machine): cold start <= 2.5 s and <= 1.5 x bare;
+a start from a saved boot state <= 0.6 s;
 round trip <= 50 ms; RSS overhead <= 15 MiB.  Bare and qube runs alternate, so
 a change of load during the run hits both.
 
@@ -40,6 +45,7 @@ from bulkhead.backend.qemu_argv import TCG_TB_SIZE_MIB  # noqa: E402
 from bulkhead.setup import initramfs  # noqa: E402
 
 QUBE = "bench-vm"
+RESTORED = "bench-restored"
 MEMORY_MIB = 400
 
 
@@ -127,14 +133,20 @@ def main() -> int:
         inst.tool("qvm-create", "-t", "debian-12", "-l", "green", "--prop", "netvm=",
                   "--prop", f"memory={MEMORY_MIB}", QUBE)
         vm = app.domains[QUBE]
+        inst.tool("qvm-features", QUBE, "boot-state", "0")
+        inst.tool("qvm-create", "-t", "debian-12", "-l", "green", "--prop", "netvm=",
+                  "--prop", f"memory={MEMORY_MIB}", RESTORED)
+        rvm = inst.app().domains[RESTORED]
         bare_inst.tool("qvm-create", "-t", "debian-12", "-l", "green", "--prop", "netvm=",
                        "--prop", f"memory={MEMORY_MIB}", QUBE)
+        bare_inst.tool("qvm-features", QUBE, "boot-state", "0")
         unjailed_vm = bare_inst.app().domains[QUBE]
-        for v in (vm, unjailed_vm):
+        for v in (vm, unjailed_vm, rvm):
             v.start()        # first start formats the private volume: not a cold start
             v.shutdown(wait=True)
+        inst.tool("bulkhead", "boot-state", RESTORED, "--build")
 
-        bare, cold, unjailed, phases = [], [], [], []
+        bare, cold, unjailed, phases, restored = [], [], [], [], []
         for _ in range(args.runs):
             bare.append(bare_boot(kernel, initrd, accel.name))
             t = time.monotonic()
@@ -146,6 +158,12 @@ def main() -> int:
             unjailed_vm.start()
             unjailed.append(time.monotonic() - t)
             unjailed_vm.shutdown(wait=True)
+            t = time.monotonic()
+            rvm.start()
+            restored.append(time.monotonic() - t)
+            if b"bulkhead.saved=1" not in rvm.run("cat /proc/cmdline").stdout:
+                sys.exit(f"{RESTORED} was not started from its saved boot state")
+            rvm.shutdown(wait=True)
 
         vm.start()
         for _ in range(5):
@@ -173,6 +191,9 @@ def main() -> int:
         print(f"ratio cold start / bare boot:      {c / b:.2f}   (goal <= 1.50)")
         print(f"cold start, QEMU unjailed:         {spread(unjailed)}")
         print(f"ratio jailed / unjailed:           {c / median_ms(unjailed):.2f}   (goal <= 1.10)")
+        r = median_ms(restored)
+        print(f"start from a saved boot state:     {spread(restored)}   (goal <= 600 ms)")
+        print(f"ratio restored / cold start:       {r / c:.2f}; restored / bare boot {r / b:.2f}")
         names = ["init starts", "init done", "agent starts", "agent ready"]
         med = [statistics.median(p[i] for p in phases) for i in range(4)]
         print("  guest timeline (median, s since the kernel started): " +
