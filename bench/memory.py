@@ -16,9 +16,13 @@ through the balloon's free page reporting), then prints, from each QEMU's
 - memory given back: one qube allocates 200 MiB and frees it; its QEMU's RSS
   before, at the peak, and how long until most of it (150 MiB) is back.
 
+The qubes start as they do by default, from their saved boot state
+(bulkhead/bootstate.py, built before the starts); ``--cold`` gives them the
+feature ``boot-state=0`` so that they boot.
+
 Goal (TCG): <= 90 MiB per idle qube, so that 20 idle qubes fit in under 2 GiB.
 
-Usage: bench/memory.py [--qubes N] [--settle S]
+Usage: bench/memory.py [--qubes N] [--settle S] [--cold]
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ def main() -> int:
     ap.add_argument("--qubes", type=int, default=10)
     ap.add_argument("--settle", type=float, default=20.0,
                     help="seconds to wait after the last start")
+    ap.add_argument("--cold", action="store_true", help="boot the qubes (boot-state=0)")
     args = ap.parse_args()
 
     inst = BenchInstance("memory")
@@ -139,6 +144,10 @@ def main() -> int:
         for n in names:
             inst.tool("qvm-create", "-t", "debian-12", "-l", "green", "--prop", "netvm=",
                       "--prop", f"memory={MEMORY_MIB}", n)
+            if args.cold:
+                inst.tool("qvm-features", n, "boot-state", "0")
+        if not args.cold:
+            inst.tool("bulkhead", "boot-state", names[0], "--build")
         for n in names:
             inst.tool("qvm-start", n)
         bare = bare_qemu(kernel, initrd, accel.name)
@@ -152,8 +161,10 @@ def main() -> int:
 
         pss = [p["pss"] for p in per.values()]
         mean = statistics.mean(pss)
+        how = "booted cold" if args.cold else "started from their saved boot state"
         print(f"acceleration: {accel.describe()}; {args.qubes} idle AppVMs of {MEMORY_MIB} MiB, "
-              f"started in {started:.0f} s, measured {args.settle:.0f} s after the last start")
+              f"{how}, started in {started:.0f} s, measured {args.settle:.0f} s after the "
+              "last start")
         print(f"sum of the QEMUs' PSS:             {sum(pss):.0f} MiB")
         print(f"per qube PSS:                      mean {mean:.1f} / min {min(pss):.1f} / "
               f"max {max(pss):.1f} MiB   (goal <= 90 MiB)")

@@ -28,12 +28,17 @@ qube's own code runs), the name, the volumes, and every process started after
 the restore.
 
 A state is an artifact like the kernel and the template image: built on
-demand in the background (the first start of its kind boots cold), kept in
-``$BULKHEAD_HOME/boot-states/<key>/`` until an input changes.  Its key digests
-every input -- the template root's committed image (image names are never
-reused for other content, see :mod:`bulkhead.storage.file_volume`), the kernel
-and QEMU binaries, the acceleration and QEMU's device list -- so a stale state
-is never even looked up.  Its file's SHA-256 is checked before its first use by
+demand in the background (the first start of its kind boots cold), kept until
+an input changes.  Its key digests every input -- the template root's committed
+image (image names are never reused for other content, see
+:mod:`bulkhead.storage.file_volume`), the kernel and QEMU binaries, the
+acceleration and QEMU's device list -- so a stale state is never even looked
+up.  Where it is kept: a template root that is an unchanged import of the
+template image in the build cache (``$BULKHEAD_CACHE/templates/``) has that
+image's content, so its states are built on that image and kept beside it in
+``$BULKHEAD_CACHE/boot-states/``, shared by every instance on the host (the
+README's setup and the tests' instances alike); a root the template changed
+since has its states in ``$BULKHEAD_HOME/boot-states/``.  Its file's SHA-256 is checked before its first use by
 a daemon and whenever the file changed since: a damaged state is discarded and
 rebuilt, never restored.
 """
@@ -142,7 +147,7 @@ def device_fingerprint(spec: MachineSpec, accel: Any) -> str:
     name made neutral: two machines whose fingerprints match can load each other's
     state (same memory, vCPUs, devices, kernel and kernel command line)."""
     neutral = dataclasses.replace(
-        spec, name="qube", qid=1,
+        spec, name="qube", qid=1, kernel=Path("/kernel") if spec.kernel else None,
         disks=tuple(DiskSpec(d.name, Path(f"/{d.name}"), d.fmt, d.readonly) for d in spec.disks),
         extra={"boot_state": "save"})
     argv = build_argv(neutral, accel, Path("/run/qube"), {"qmp": 3, "qrexec": 4, "console": 5})
@@ -152,9 +157,11 @@ def device_fingerprint(spec: MachineSpec, accel: Any) -> str:
 class BootStates:
     """The saved boot states of one daemon: find, check, build, restore."""
 
-    def __init__(self, lifecycle: Any, directory: Path) -> None:
+    def __init__(self, lifecycle: Any, directory: Path, shared: Path) -> None:
         self.lifecycle = lifecycle
-        self.dir = directory
+        self.dir = directory          # this instance's states
+        self.shared = shared          # states on images of the build cache, for every instance
+        self._kernel_ids: dict[tuple[str, int, int], str] = {}
         self._verified: dict[str, tuple[int, int, int, int]] = {}   # key -> the file's stat
         self._builds: dict[str, asyncio.Task[SavedState | None]] = {}
         self.build_delay = float(os.environ.get("BULKHEAD_BOOT_STATE_DELAY", "3"))
@@ -183,13 +190,29 @@ class BootStates:
         qemu = shutil.which(QEMU) or QEMU
         parts = [FORMAT, device_fingerprint(spec, accel), str(root_image.absolute()),
                  _stamp(root_image), _stamp(Path(qemu)),
-                 _stamp(spec.kernel) if spec.kernel else "", getattr(accel, "name", "")]
+                 self._kernel_id(spec.kernel) if spec.kernel else "", getattr(accel, "name", "")]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
+    def _kernel_id(self, kernel: Path) -> str:
+        """The kernel's content (each instance has its own copy of the same build)."""
+        st = kernel.stat()
+        memo = (str(kernel), st.st_size, st.st_mtime_ns)
+        if memo not in self._kernel_ids:
+            self._kernel_ids[memo] = _sha256(kernel)
+        return self._kernel_ids[memo]
+
+    def home_of(self, root_image: Path) -> Path:
+        """Where the states built on ``root_image`` live (see the module's doc)."""
+        try:
+            root_image.absolute().relative_to(self.shared.parent)
+            return self.shared
+        except ValueError:
+            return self.dir
+
     # --- finding a usable state ---------------------------------------------------
-    def find(self, key: str) -> SavedState | None:
+    def find(self, key: str, home: Path) -> SavedState | None:
         """The state for ``key`` if it is complete and undamaged; a damaged one is removed."""
-        st = SavedState(key, self.dir / key)
+        st = SavedState(key, home / key)
         try:
             meta = json.loads((st.dir / META_FILE).read_text())
             s = st.state.stat()
@@ -202,20 +225,21 @@ class BootStates:
                     or meta.get("sha256") != _sha256(st.state):
                 log.warning("saved boot state %s is damaged or from another version; "
                             "discarding it (it is rebuilt)", key)
-                self.discard(key)
+                self.discard(st)
                 return None
             self._verified[key] = stamp
         return st
 
-    def discard(self, key: str) -> None:
-        self._verified.pop(key, None)
-        shutil.rmtree(self.dir / key, ignore_errors=True)
+    def discard(self, st: SavedState) -> None:
+        self._verified.pop(st.key, None)
+        shutil.rmtree(st.dir, ignore_errors=True)
 
-    def prune(self, root_source: str, keep: str, current_image: Path) -> None:
-        """Drop the states of ``root_source`` built on another image than its current
-        one (the template changed since), and the oldest beyond KEEP_PER_ROOT."""
+    def prune(self, home: Path, root_source: str, keep: str, current_image: Path) -> None:
+        """Drop the states whose root image is gone; in this instance's own directory,
+        also those of ``root_source`` on another image than its current one (the
+        template changed since); and the oldest beyond KEEP_PER_ROOT."""
         try:
-            entries = list(self.dir.iterdir())
+            entries = list(home.iterdir())
         except FileNotFoundError:
             return
         mine = []
@@ -226,16 +250,20 @@ class BootStates:
                 meta = json.loads((d / META_FILE).read_text())
             except (OSError, ValueError):
                 continue
-            if meta.get("root_source") != root_source:
-                continue
-            if meta.get("root_image") != str(current_image.absolute()):
-                # A running qube may still read its frozen root: it has it open.
-                self.discard(d.name)
-            else:
-                mine.append((d.stat().st_mtime, d.name))
+            # A running qube may still read a discarded state's frozen root: it has it open.
+            if not Path(meta.get("root_image", "")).exists():
+                self.discard(SavedState(d.name, d))
+            elif home == self.shared:
+                if meta.get("root_image") == str(current_image.absolute()):
+                    mine.append((d.stat().st_mtime, d.name))
+            elif meta.get("root_source") == root_source:
+                if meta.get("root_image") != str(current_image.absolute()):
+                    self.discard(SavedState(d.name, d))
+                else:
+                    mine.append((d.stat().st_mtime, d.name))
         mine.sort()
         for _, name in mine[:max(0, len(mine) - (KEEP_PER_ROOT - 1))]:
-            self.discard(name)
+            self.discard(SavedState(name, home / name))
 
     # --- building ----------------------------------------------------------------
     def building(self, key: str) -> "asyncio.Task[SavedState | None] | None":
@@ -263,7 +291,7 @@ class BootStates:
                              root_image: Path, delay: float) -> SavedState | None:
         if delay:
             await asyncio.sleep(delay)
-        found = self.find(key)
+        found = self.find(key, self.home_of(root_image))
         if found is not None:
             return found
         try:
@@ -276,9 +304,10 @@ class BootStates:
     async def _build(self, key: str, spec: MachineSpec, root_source: str,
                      root_image: Path) -> SavedState:
         t0 = time.monotonic()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
-        tmp = self.dir / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
+        home = self.home_of(root_image)
+        home.mkdir(parents=True, exist_ok=True)
+        os.chmod(home, 0o700)
+        tmp = home / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
         tmp.mkdir()
         backend: Backend = self.lifecycle.backend
         machine: Machine | None = None
@@ -311,13 +340,16 @@ class BootStates:
                     "built": time.time(), "build_seconds": round(time.monotonic() - t0, 2)}
             (tmp / META_FILE).write_text(json.dumps(meta))
             qemu_img.fsync_file(tmp / META_FILE)
-            final = self.dir / key
+            final = home / key
+            if self.find(key, home) is not None:
+                # Another daemon (sharing the cache) finished the same state first; in use maybe.
+                return SavedState(key, final)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
-            qemu_img.fsync_dir(self.dir)
+            qemu_img.fsync_dir(home)
             log.info("saved boot state %s for %s: %.1f MiB in %.1f s", key, root_source,
                      size / 2**20, time.monotonic() - t0)
-            self.prune(root_source, keep=key, current_image=root_image)
+            self.prune(home, root_source, keep=key, current_image=root_image)
             return SavedState(key, final)
         finally:
             if link is not None:
@@ -330,10 +362,18 @@ class BootStates:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def clean_up(self) -> None:
-        """At the daemon's start: half-built states of a previous daemon go."""
+        """At the daemon's start: half-built states of a previous run of this daemon go
+        (in the shared directory only this process' own, which other daemons leave be)."""
         try:
             for d in self.dir.iterdir():
                 if d.name.startswith("."):
+                    shutil.rmtree(d, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+        try:
+            for d in self.shared.iterdir():
+                pid = d.name.rpartition(".tmp-")[2].split("-")[0]
+                if d.name.startswith(".") and pid.isdigit() and not Path(f"/proc/{pid}").exists():
                     shutil.rmtree(d, ignore_errors=True)
         except FileNotFoundError:
             pass

@@ -4,13 +4,14 @@ Every path derives from two environment variables so that tests can run many
 independent instances side by side:
 
 - ``BULKHEAD_HOME`` (default ``/var/lib/bulkhead``): the durable state, i.e. the
-  store, the volumes, the kernels and the build cache.
+  store, the volumes and the kernels.
 - ``BULKHEAD_SOCKET`` (default ``/run/qubesd.sock``, the path Qubes' own
   clients use): the Admin API socket.
 
-``BULKHEAD_CACHE`` may point the download/build cache somewhere shared (tests
-use it so that the kernel and template are built once per machine, not once
-per test instance); it defaults to ``$BULKHEAD_HOME/cache``.
+``BULKHEAD_CACHE`` (default ``/var/cache/bulkhead``) is the build cache: the
+qube kernel, the template image and the saved boot states built on it are
+built once per machine and shared by every instance on it -- the README's
+setup and the test suite's instances alike.
 
 Every qvm-* tool imports this module for :func:`socket_path`, so it imports
 little at start: pathlib, hashlib and dataclasses would cost each tool some
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_HOME = "/var/lib/bulkhead"
 DEFAULT_SOCKET = "/run/qubesd.sock"
+DEFAULT_CACHE = "/var/cache/bulkhead"
 
 
 def _absolute(path: str) -> str:
@@ -55,7 +57,7 @@ class Paths(NamedTuple):
         env = os.environ if env is None else env
         home = Path(env.get("BULKHEAD_HOME") or DEFAULT_HOME).absolute()
         socket = Path(socket_path(env))
-        cache = Path(env.get("BULKHEAD_CACHE") or home / "cache").absolute()
+        cache = Path(env.get("BULKHEAD_CACHE") or DEFAULT_CACHE).absolute()
         return cls(home=home, socket=socket, cache=cache)
 
     # --- durable state -------------------------------------------------

@@ -27,8 +27,9 @@ from .backend.accel import Accel, detect
 from .backend.base import Backend, DiskSpec, ExitReason, Machine, MachineSpec, PowerState
 from .config import Paths
 from .errors import (BackendError, QubesException, QubesVMError, QubesVMNotHaltedError,
-                     QubesVMNotPausedError, QubesVMNotRunningError, QubesVMNotStartedError,
+                     QubesVMNotRunningError, QubesVMNotStartedError,
                      QubesVMShutdownTimeoutError, StoragePoolException)
+from .powerstate import ACTIVE, Power, PowerStates
 from .ratelimit import qube_log
 from .storage.monitor import DiskMonitor
 from .storage.pool import Pool, Volume, VolumeConfig
@@ -52,10 +53,8 @@ class QemuLifecycle:
         self.listener: "LifecycleListener | None" = app
         self.machines: dict[str, Machine] = {}
         self.links: dict[str, AgentLink] = {}
-        self.starting: set[str] = set()
-        self.halting: set[str] = set()
-        self.paused: set[str] = set()
-        self.crashed: set[str] = set()
+        # One explicit power state per qube (powerstate.py), moved only by this class.
+        self.power = PowerStates()
         self._announce: set[str] = set()          # qubes whose stop the listener must hear of
         self._stopped: dict[str, asyncio.Future[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -64,7 +63,9 @@ class QemuLifecycle:
         # waits for that stop (qvm-shutdown --wait, qvm-kill).
         self._stop_errors: dict[str, str] = {}
         self.disk_monitor = DiskMonitor(app)
-        self.boot_states = bootstate.BootStates(self, paths.home / "boot-states")
+        self.boot_states = bootstate.BootStates(self, paths.home / "boot-states",
+                                                paths.cache / "boot-states")
+        self.boot_states.clean_up()
 
     # --- the backend, created on first use (detecting KVM boots a kernel) ------
     @property
@@ -129,6 +130,7 @@ class QemuLifecycle:
     async def remove_volumes(self, vm: "QubesVM") -> None:
         if self.power_state(vm) not in (PowerState.HALTED, PowerState.CRASHED):
             raise QubesVMNotHaltedError(vm)
+        self.power.forget(vm.name)
         for vol in self.volumes(vm):
             await vol.remove()
 
@@ -148,22 +150,21 @@ class QemuLifecycle:
         await router.route(call, untrusted_target, untrusted_service)
 
     # --- state ---------------------------------------------------------------
+    def power_of(self, vm: "QubesVM") -> Power:
+        """The qube's power state as dom0 tracks it."""
+        state = self.power.get(vm.name)
+        if state in (Power.RUNNING, Power.PAUSED, Power.HALTING):
+            machine = self.machines.get(vm.name)
+            if machine is None or not machine.is_alive():
+                # Its QEMU is gone; the exit's handling (volumes) is under way.
+                return Power.HALTED
+        return state
+
     def power_state(self, vm: "QubesVM") -> PowerState:
-        name = vm.name
-        if name in self.starting:
-            return PowerState.TRANSIENT
-        machine = self.machines.get(name)
-        if machine is None or not machine.is_alive():
-            return PowerState.CRASHED if name in self.crashed else PowerState.HALTED
-        if name in self.halting:
-            return PowerState.HALTING
-        if name in self.paused:
-            return PowerState.PAUSED
-        return PowerState.RUNNING
+        return self.power_of(vm).qubes
 
     def is_running(self, vm: "QubesVM") -> bool:
-        return self.power_state(vm) in (PowerState.RUNNING, PowerState.PAUSED,
-                                        PowerState.TRANSIENT, PowerState.HALTING)
+        return self.power_of(vm) in ACTIVE
 
     def link(self, vm: "QubesVM") -> AgentLink:
         link = self.links.get(vm.name)
@@ -196,8 +197,7 @@ class QemuLifecycle:
 
     async def _start(self, vm: "QubesVM", use_saved_state: bool) -> None:
         name = vm.name
-        self.starting.add(name)
-        self.crashed.discard(name)
+        self.power.move(vm, Power.STARTING)
         self._stop_errors.pop(name, None)
         self.disk_monitor.ensure_running()
         started: list[Volume] = []
@@ -206,6 +206,8 @@ class QemuLifecycle:
             extra: dict[str, str] = {}
             volumes = self.volumes(vm)
             saved = self._saved_state(vm, volumes) if use_saved_state else None
+            if saved is not None:
+                self.power.move(vm, Power.RESTORING)
             # Each start runs qemu-img; they are independent, so run them side by side.
             results = await asyncio.gather(
                 *(vol.start(saved_root=saved.root) if saved and vol.name == "root"  # type: ignore[call-arg]
@@ -244,6 +246,7 @@ class QemuLifecycle:
                      "agent ready %.0f ms", name, "restored" if saved else "cold",
                      (t_volumes - t_start) * 1000, (t_launch - t_volumes) * 1000,
                      (now - t_launch) * 1000)
+            self.power.move(vm, Power.RUNNING)
         except BaseException as e:
             await self._undo_start(vm, started)
             if isinstance(e, QubesException):
@@ -252,7 +255,8 @@ class QemuLifecycle:
                 raise
             raise QubesVMError(vm, f"cannot start qube {name!r}: {e}") from e
         finally:
-            self.starting.discard(name)
+            if self.power.get(name) in (Power.STARTING, Power.RESTORING):
+                self.power.move(vm, Power.HALTED)   # the start failed, and nothing runs
         for vol in started:
             if vol.name == "private" and hasattr(vol, "clear_fs_resize"):
                 vol.clear_fs_resize()
@@ -273,6 +277,10 @@ class QemuLifecycle:
             image = source.committed_path()
             if image is None:
                 return None
+            # An unchanged import of the build cache's template image: its states are shared.
+            origin = getattr(source, "origin_of", lambda _i: None)(image)
+            if origin is not None:
+                image = origin
             shape = self._spec(vm, tuple(DiskSpec(v.name, Path("/" + v.name), "qcow2",
                                                   readonly=not v.config.rw)
                                          for v in volumes), {})
@@ -280,7 +288,7 @@ class QemuLifecycle:
         except (OSError, QubesException) as e:
             log.info("qube %s: no saved boot state (%s)", vm.name, e)
             return None
-        found = states.find(key)
+        found = states.find(key, states.home_of(Path(image)))
         if found is None:
             states.build_later(key, shape, str(root.config.source), Path(image))
         return found
@@ -365,10 +373,8 @@ class QemuLifecycle:
         if link is not None:
             link.close("the qube stopped")
         self.machines.pop(name, None)
-        self.halting.discard(name)
-        self.paused.discard(name)
-        if reason == ExitReason.CRASHED:
-            self.crashed.add(name)
+        if self.power.get(name) in ACTIVE:
+            self.power.move(name, Power.CRASHED if reason == ExitReason.CRASHED else Power.HALTED)
         try:
             if vm is not None:
                 failure = await self._stop_volumes(vm, self.volumes(vm))
@@ -409,10 +415,11 @@ class QemuLifecycle:
         machine = self.machines.get(vm.name)
         if machine is None or not machine.is_alive():
             raise QubesVMNotStartedError(vm)
+        self.power.require(vm, (Power.RUNNING, Power.PAUSED, Power.HALTING))
         if timeout is None:
             timeout = float(vm.shutdown_timeout)
-        if vm.name not in self.halting:
-            self.halting.add(vm.name)
+        if self.power.get(vm.name) != Power.HALTING:
+            self.power.move(vm, Power.HALTING)
             asyncio.ensure_future(self._shut_down(vm, machine, timeout))
         if wait:
             # The kill comes at ``timeout``; its exit is noticed at once.
@@ -468,9 +475,9 @@ class QemuLifecycle:
         name = vm.name
 
         def paused_on_error(device: str, reason: str, nospace: bool) -> None:
-            if self.machines.get(name) is not machine or name in self.paused:
+            if self.machines.get(name) is not machine or self.power.get(name) != Power.RUNNING:
                 return
-            self.paused.add(name)
+            self.power.move(name, Power.PAUSED)
             pool = ""
             if device in vm.volume_config:
                 pool = vm.volume_config[device].pool
@@ -536,16 +543,14 @@ class QemuLifecycle:
                 f"filesystem now ({e}); it will at its next start") from e
 
     async def pause(self, vm: "QubesVM") -> None:
-        if self.power_state(vm) != PowerState.RUNNING:
-            raise QubesVMNotRunningError(vm)
+        self.power.require(vm, (Power.RUNNING,))
         await self.machines[vm.name].pause()
-        self.paused.add(vm.name)
+        self.power.move(vm, Power.PAUSED)
 
     async def unpause(self, vm: "QubesVM") -> None:
-        if self.power_state(vm) != PowerState.PAUSED:
-            raise QubesVMNotPausedError(vm)
+        self.power.require(vm, (Power.PAUSED,))
         await self.machines[vm.name].unpause()
-        self.paused.discard(vm.name)
+        self.power.move(vm, Power.RUNNING)
 
     def stats(self, vm: "QubesVM") -> dict[str, int]:
         """For admin.vm.CurrentState: memory in KiB, as Qubes reports it, and CPU time in ns."""
@@ -590,8 +595,7 @@ class QemuLifecycle:
         self._watch_disk_errors(vm, machine)
         self._stopped[vm.name] = asyncio.get_running_loop().create_future()
         self._announce.add(vm.name)
-        if await machine.is_paused():
-            self.paused.add(vm.name)
+        self.power.move(vm, Power.PAUSED if await machine.is_paused() else Power.RUNNING)
         # The agent says HELLO again when it sees dom0 reconnect; don't hold the daemon's start.
         self.links[vm.name] = AgentLink(vm.name, str(machine.agent_socket),
                                         on_call=self._on_call)

@@ -343,6 +343,7 @@ class QemuBackend(Backend):
         else:
             self.cgroups.collect_stale(self.paths.run.parent)
         self._slot: int | None = None
+        self._cgroup_generation: dict[Path, int] = {}   # cgroup -> starts that made it
 
     def describe(self) -> str:
         how = "jailed" if self.jailed else "NOT jailed (BULKHEAD_JAIL=0)"
@@ -400,13 +401,18 @@ class QemuBackend(Backend):
         return out
 
     def remove_cgroup_later(self, cg: "cgroup.QubeCgroup") -> None:
-        """Remove a gone QEMU's cgroup once the jail's monitor process left it too."""
+        """Remove a gone QEMU's cgroup once the jail's monitor process left it too --
+        unless the qube started again meanwhile (a restored start takes a fraction of
+        a second): its new QEMU has the same cgroup."""
+        generation = self._cgroup_generation.get(cg.memory_dir, 0)
+
         async def remove() -> None:
             for _ in range(50):
                 if all(not f.exists() or not f.read_text().strip() for f in cg.procs_files):
                     break
                 await asyncio.sleep(0.1)
-            cg.remove()
+            if self._cgroup_generation.get(cg.memory_dir, 0) == generation:
+                cg.remove()
         asyncio.ensure_future(remove())
 
     def _reap(self, pid: int) -> None:
@@ -461,6 +467,8 @@ class QemuBackend(Backend):
             try:
                 cg = self.cgroups.create(self.instance, spec.name,
                                          cgroup.limits_for(spec.memory_mib))
+                self._cgroup_generation[cg.memory_dir] = \
+                    self._cgroup_generation.get(cg.memory_dir, 0) + 1
             except (cgroup.CgroupError, OSError) as e:
                 raise BackendError(f"qube {spec.name!r}: cannot make its cgroup: {e}") from e
         listeners = self._listen(run_dir)

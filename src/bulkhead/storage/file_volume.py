@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import json
 import logging
 import os
 import re
@@ -71,6 +72,7 @@ SOURCE_STAMP = "dirty.source"
 MERGE_STAMP = "merge.pending"
 REVERT_STAMP = "revert.pending"
 RESIZE_FS = "resize-fs"
+ORIGIN_SUFFIX = ".origin"
 TMP_PREFIX = ".tmp-"
 IMAGE = re.compile(r"^img-(\d{1,9})-[0-9a-f]{8}\.qcow2$")
 # The layout before backing chains (one flattened current, revisions as hard links).
@@ -108,6 +110,11 @@ def _make_dom0s(image: Path) -> None:
     except OSError:
         pass
     os.chmod(image, 0o600)
+
+
+def src_stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _mib(n: int) -> str:
@@ -435,13 +442,37 @@ class FileVolume(Volume):
                     f"committing volume {self.vid}", OVERLAY_BYTES)) from e
             raise StoragePoolException(f"cannot commit volume {self.vid}: {e}") from e
 
-    async def _install(self, image: Path) -> None:
+    async def _install(self, image: Path) -> Path:
         """Make the fully written ``image`` (an overlay on the current one, or standalone)
-        the current revision, atomically."""
+        the current revision, atomically; returns its name in the chain."""
         _make_dom0s(image)
         qemu_img.fsync_file(image)
-        os.rename(image, self.dir / self._next_image_name())
+        final = self.dir / self._next_image_name()
+        os.rename(image, final)
         qemu_img.fsync_dir(self.dir)
+        return final
+
+    # --- where an image came from ------------------------------------------------
+    # An image imported whole from a file outside the pool (the template image in the
+    # build cache) has the same content as that file, as long as neither changed: a
+    # saved boot state built on that file serves every instance that imported it
+    # (see bulkhead.bootstate).  ``<image>.origin`` records both files' stat.
+    def _write_origin(self, image: Path, src: Path) -> None:
+        s, i = src.stat(), image.stat()
+        _write_atomically(image.with_name(image.name + ORIGIN_SUFFIX), json.dumps({
+            "src": str(src.absolute()), "src_stat": [s.st_size, s.st_mtime_ns],
+            "stat": [i.st_size, i.st_mtime_ns]}))
+
+    def origin_of(self, image: Path) -> Path | None:
+        """The file ``image`` is an unchanged import of, if that file is unchanged too."""
+        try:
+            o = json.loads(image.with_name(image.name + ORIGIN_SUFFIX).read_text())
+            src, s, i = Path(o["src"]), src_stat(Path(o["src"])), src_stat(image)
+            if s == o["src_stat"] and i == o["stat"]:
+                return src
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
 
     # --- merging revisions that fell out of revisions_to_keep ---------------------------
     async def merge_expired(self) -> None:
@@ -571,7 +602,10 @@ class FileVolume(Volume):
                     f"importing into volume {self.vid}", os.stat(src).st_blocks * 512)) from e
             raise
         self.config.size = new_size
-        await self._install(tmp)
+        same_size = not flatten and await qemu_img.virtual_size(src) == new_size
+        image = await self._install(tmp)
+        if same_size:
+            self._write_origin(image, src)
         await self.pool.schedule_merge(self)
 
     async def clone_from(self, other: Volume) -> None:
