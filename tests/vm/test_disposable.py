@@ -88,3 +88,27 @@ def test_a_named_disposable_keeps_its_definition_and_loses_its_data(bulkhead):
     finally:
         bulkhead.tool("qvm-kill", "mydisp", check=False)
         bulkhead.tool("qvm-remove", "-f", "mydisp", check=False)
+
+
+def test_a_disposable_whose_qemu_dies_leaves_no_trace(bulkhead):
+    import os
+    import signal
+
+    name = bulkhead.app().call("dom0", "admin.vm.CreateDisposable").decode().strip()
+    bulkhead.tool("qvm-start", name)
+    os.kill(bulkhead.qemu_pid(name), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while name in disp_names(bulkhead):
+        assert time.monotonic() < deadline, f"{name} still listed after its QEMU died"
+        time.sleep(0.3)
+    assert leftovers(bulkhead, name) == []
+    assert bulkhead.run("work", "echo alive").stdout == "alive\n"
+
+
+def test_two_disposables_have_their_own_names_and_random_bytes(bulkhead):
+    outs = [bulkhead.tool("qvm-run", "--dispvm", "--pass-io",
+                          "hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; "
+                          "echo; grep -c saved=1 /proc/cmdline").stdout.split()
+            for _ in range(2)]
+    assert outs[0][0] != outs[1][0] and all(o[0].startswith("disp") for o in outs)
+    assert outs[0][1] != outs[1][1]
