@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..config import Paths
 from . import host, kernel, qube_ids, service, template
@@ -70,6 +71,20 @@ def ensure_daemon(paths: Paths) -> None:
         s.note = f"socket {paths.socket}"
 
 
+def ensure_boot_state(app: Any, qube: str) -> None:
+    """The saved boot state qubes of ``qube``'s kind start from (see bulkhead.bootstate):
+    built now so that the first disposable is quick; found in the build cache when
+    another instance on this host built it already."""
+    if qube not in app.domains:
+        return
+    from ..errors import QubesException
+    with step(f"Saved boot state for {qube}'s kind of qube") as s:
+        try:
+            s.note = app.call(qube, "bulkhead.vm.BootState", None, b"build").decode().strip()
+        except QubesException as e:
+            s.note = f"not built ({e}); qubes boot cold until it is"
+
+
 def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool = True) -> int:
     from ..client.app import App
     from ..client.connection import Connection
@@ -88,6 +103,7 @@ def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool =
     ensure_template(app, image, key, kid)
     if default_qubes:
         ensure_default_qubes(app)
+        ensure_boot_state(app, "default-dvm")
     console.print(f"[bold]Bulkhead is set up[/] in {time.monotonic() - start:.0f} s. "
                   f"Home: {paths.home}; Admin API: {paths.socket}")
     sys.stdout.flush()

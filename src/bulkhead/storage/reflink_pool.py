@@ -95,10 +95,10 @@ class ReflinkVolume(FileVolume):
             raise
         return tmp
 
-    async def start(self) -> DiskSpec:
+    async def start(self, saved_root: Path | None = None) -> DiskSpec:
         c = self.config
         if not (c.save_on_stop and not c.snap_on_start):
-            return await super().start()
+            return await super().start(saved_root)   # snapshots: qcow2 overlays, as the file pool
         self.dir.mkdir(parents=True, exist_ok=True)
         await self._recover()
         if self.is_dirty():
