@@ -328,7 +328,13 @@ class BootStates:
             await machine.kill()
             machine = None
             link.close("the boot state is saved")
-            # The frozen root is read (never written) by every restored qube's overlay.
+            # The frozen root is read (never written) by every restored qube's overlay:
+            # dom0's, no longer the builder's jail uid's.
+            os.chown(root, 0, 0)
+            try:
+                os.removexattr(root, "system.posix_acl_access")
+            except OSError:
+                pass
             os.chmod(root, 0o644)
             for p in (private, volatile):
                 p.unlink()
