@@ -201,6 +201,9 @@ class QemuLifecycle:
             for vol in volumes:
                 if vol.name == "private" and getattr(vol, "fs_resize_pending", lambda: False)():
                     extra["resize_private"] = "1"
+            # --- GUI (issue 10): Qubes' `gui` feature says the qube runs a GUI agent.
+            if _wants_gui(vm):
+                extra["gui"] = "1"
             spec = self._spec(vm, tuple(disks), extra)
             self._stopped[name] = asyncio.get_running_loop().create_future()
             machine = await self.backend.start(spec, self._on_exit)
@@ -531,6 +534,15 @@ def host_memory_kib(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _wants_gui(vm: "QubesVM") -> bool:
+    """Qubes' ``gui`` feature: this qube runs a GUI agent (its X server starts at boot)."""
+    try:
+        value = vm.features.get("gui", "")
+    except AttributeError:
+        return False
+    return str(value) not in ("", "0", "False")
 
 
 def volume_vid(vm: "QubesVM", name: str) -> str:
