@@ -552,6 +552,10 @@ class Agent:
             if not self.hung_up or self.connected:
                 p.register(self.port, select.POLLIN | (select.POLLOUT if self.out else 0))
             timeout = 200 if self.hung_up else (50 if self.clip_pending else None)
+            if self.d.pending_events():
+                # python-xlib may already hold events it read along with a reply:
+                # the socket would not wake poll for them.
+                timeout = 0
             for fd, ev in p.poll(timeout):
                 if fd == self.port:
                     if ev & select.POLLIN:

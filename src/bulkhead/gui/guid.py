@@ -408,7 +408,7 @@ def connect(qube: str, socket_path: str | None = None) -> socket.socket:
     conn = Connection(socket_path)
     s = conn.open_stream(wire.encode_header("bulkhead.vm.gui.Connect", qube), shutdown_write=True)
     s.settimeout(30)
-    msg, fds = socket.recv_fds(s, 4096, 1)
+    msg, fds, _flags, _addr = socket.recv_fds(s, 4096, 1)
     rest = msg
     while fds == [] and rest:
         more = s.recv(4096)
