@@ -24,7 +24,7 @@ QUBES = ("work", "untrusted", "personal")
 
 
 def wait_x(bulkhead, qube: str) -> None:
-    bulkhead.run(qube, "for i in $(seq 300); do [ -e /tmp/.X11-unix/X0 ] && exit 0; "
+    bulkhead.run(qube, "for i in $(seq 900); do [ -e /tmp/.X11-unix/X0 ] && exit 0; "
                        "sleep 0.2; done; exit 1")
 
 
@@ -60,9 +60,9 @@ def colour(bulkhead, qube: str) -> int:
     return int(bulkhead.app().domains[qube].label.color, 16)
 
 
-def open_xterm(bulkhead, qube: str, out_file: str) -> subprocess.Popen:
+def open_xterm(bulkhead, qube: str, out_file: str, where: str = "+40+40") -> subprocess.Popen:
     """``qvm-run QUBE xterm`` (it waits for xterm to end: in the background)."""
-    cmd = f"rm -f {out_file}; xterm -geometry 60x10+40+40 -e sh -c 'cat > {out_file}'"
+    cmd = f"rm -f {out_file}; xterm -geometry 60x10{where} -e sh -c 'cat > {out_file}'"
     return subprocess.Popen([sys.executable, "-m", "bulkhead.tools.qvm_run", qube, cmd],
                             env=bulkhead.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -80,7 +80,7 @@ def frame_colour_ok(display: UserDisplay, w, rgb: int) -> bool:
 def test_windows_framed_in_label_colours(bulkhead, desktop):
     display, logs, _ = desktop
     work_x = open_xterm(bulkhead, "work", "/tmp/typed")
-    untrusted_x = open_xterm(bulkhead, "untrusted", "/tmp/typed")
+    untrusted_x = open_xterm(bulkhead, "untrusted", "/tmp/typed", "+520+260")
     try:
         w = display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")[0]
         u = display.wait_for(lambda: display.windows("[untrusted]"), 120, "an [untrusted] window")[0]
@@ -97,9 +97,7 @@ def test_windows_framed_in_label_colours(bulkhead, desktop):
         display.wait_for(lambda: display.pixel(x + width // 2, y + height // 2) !=
                          colour(bulkhead, "work"), 30, "xterm's pixels inside the frame")
         if os.environ.get("BULKHEAD_GUI_SCREENSHOT"):
-            # Side by side for the picture: move untrusted's window to the right.
-            u.configure(x=560, y=200)
-            time.sleep(3)
+            time.sleep(2)
             display.screenshot_png(Path(os.environ["BULKHEAD_GUI_SCREENSHOT"]))
     finally:
         work_x.kill()
@@ -112,7 +110,7 @@ def test_keyboard_reaches_only_the_focused_qube(bulkhead, desktop):
     bulkhead.run("personal", "pkill xterm; true")
     display.wait_for(lambda: not display.windows("[work]"), 30, "old windows to go")
     procs = [open_xterm(bulkhead, "work", "/tmp/typed"),
-             open_xterm(bulkhead, "personal", "/tmp/typed")]
+             open_xterm(bulkhead, "personal", "/tmp/typed", "+520+260")]
     try:
         w = display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")[0]
         display.wait_for(lambda: display.windows("[personal]"), 120, "a [personal] window")
@@ -133,7 +131,8 @@ def test_clipboard_copy_and_paste_between_qubes(bulkhead, desktop):
     display, logs, _ = desktop
     bulkhead.run("work", "printf 'from work' | xclip -selection clipboard >/dev/null 2>&1 &")
     bulkhead.run("personal", "printf 'old' | xclip -selection clipboard >/dev/null 2>&1 &")
-    procs = [open_xterm(bulkhead, "work", "/tmp/c"), open_xterm(bulkhead, "personal", "/tmp/c")]
+    procs = [open_xterm(bulkhead, "work", "/tmp/c"),
+             open_xterm(bulkhead, "personal", "/tmp/c", "+520+260")]
     try:
         w = display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")[0]
         p = display.wait_for(lambda: display.windows("[personal]"), 120, "a [personal] window")[0]
@@ -155,6 +154,32 @@ def test_clipboard_copy_and_paste_between_qubes(bulkhead, desktop):
             pr.kill()
 
 
+def test_close_asks_the_qube_and_a_stopped_qube_takes_its_windows(bulkhead, desktop):
+    from Xlib.protocol import event
+    display, _, _ = desktop
+    bulkhead.run("work", "pkill xterm; true")
+    display.wait_for(lambda: not display.windows("[work]"), 30, "old windows to go")
+    procs = [open_xterm(bulkhead, "work", "/tmp/x"),
+             open_xterm(bulkhead, "untrusted", "/tmp/x", "+520+260")]
+    try:
+        w = display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")[0]
+        display.wait_for(lambda: display.windows("[untrusted]"), 120, "an [untrusted] window")
+        # What a window manager's close button does: WM_DELETE_WINDOW to the dom0 window.
+        d = display.d
+        ev = event.ClientMessage(window=w, client_type=d.intern_atom("WM_PROTOCOLS"),
+                                 data=(32, [d.intern_atom("WM_DELETE_WINDOW"), 0, 0, 0, 0]))
+        w.send_event(ev)
+        d.flush()
+        display.wait_for(lambda: not display.windows("[work]"), 30, "work's window to close")
+        assert bulkhead.run("work", "pgrep -x xterm || echo none").stdout == "none\n"
+        bulkhead.tool("qvm-shutdown", "--wait", "untrusted", timeout=300)
+        display.wait_for(lambda: not display.windows("[untrusted]"), 30,
+                         "the stopped qube's windows to go")
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def test_confirm_before_paste_refused(bulkhead, desktop, tmp_path):
     display, _, main_daemon = desktop
     stop(main_daemon)   # the session's daemon steps aside for one that asks before pasting
@@ -164,7 +189,8 @@ def test_confirm_before_paste_refused(bulkhead, desktop, tmp_path):
     proc = start_daemon(display, bulkhead.env, logs, "--confirm-paste")
     bulkhead.run("work", "pkill xclip; printf 'not this' | xclip -selection clipboard >/dev/null 2>&1 &")
     bulkhead.run("personal", "pkill xclip; printf 'kept' | xclip -selection clipboard >/dev/null 2>&1 &")
-    procs = [open_xterm(bulkhead, "work", "/tmp/c"), open_xterm(bulkhead, "personal", "/tmp/c")]
+    procs = [open_xterm(bulkhead, "work", "/tmp/c"),
+             open_xterm(bulkhead, "personal", "/tmp/c", "+520+260")]
     try:
         w = display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")[0]
         p = display.wait_for(lambda: display.windows("[personal]"), 120, "a [personal] window")[0]
