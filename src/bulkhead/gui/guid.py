@@ -105,6 +105,9 @@ class Guid:
         self.notice: Any = None
         self.notice_until = 0.0
         self.frames_drawn = 0
+        self.pixels_drawn = 0          # for bench/gui.py (BULKHEAD_GUID_STATS)
+        self.stats_every = float(os.environ.get("BULKHEAD_GUID_STATS", "0") or 0)
+        self.stats_next = time.monotonic() + self.stats_every
         sock.setblocking(False)
         g = self.root.get_geometry()
         self.send(G.D_HELLO, 0, G.D_HELLO_S.pack(G.VERSION, g.width, g.height))
@@ -233,6 +236,7 @@ class Guid:
                                  self.screen.root_depth, 0, bytes(p.data[row * stride:(row + n) * stride]))
         win.content.copy_area(self.gc, win.pixmap, p.x, p.y, p.w, p.h, p.x, p.y)
         self.frames_drawn += 1
+        self.pixels_drawn += p.w * p.h
 
     # --- from the user's display -------------------------------------------------
     def x_events(self) -> None:
@@ -365,7 +369,7 @@ class Guid:
             while True:
                 want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
                 sel.modify(self.sock, want, "qube")
-                timeout = 0.5 if self.notice is not None else None
+                timeout = 0.5 if self.notice is not None or self.stats_every else None
                 for key, mask in sel.select(timeout if not self.d.pending_events() else 0):
                     if key.data == "qube":
                         if mask & selectors.EVENT_WRITE:
@@ -375,6 +379,11 @@ class Guid:
                             return 0
                 self.x_events()
                 self.expire_notice()
+                if self.stats_every and time.monotonic() >= self.stats_next:
+                    self.stats_next += self.stats_every
+                    t = os.times()
+                    log.info("stats: updates=%d pixels=%d cpu=%.3f", self.frames_drawn,
+                             self.pixels_drawn, t.user + t.system)
                 self.d.flush()
         except Violation as e:
             log.error("qube %s: GUI protocol violation: %s; closing its GUI connection",
