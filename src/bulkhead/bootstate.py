@@ -133,7 +133,18 @@ def builder_spec(spec: MachineSpec, key: str, root: Path, private: Path,
     on the state's frozen root and two placeholder disks."""
     disks = (DiskSpec("root", root), DiskSpec("private", private), DiskSpec("volatile", volatile))
     return dataclasses.replace(spec, name=f"boot-state-{key[:12]}", qid=BUILDER_QID,
-                               disks=disks, extra={"boot_state": "save"})
+                               disks=disks, extra=saved_extra(spec))
+
+
+#: what of a qube's ``extra`` its saved boot shares (the rest is per qube, given after)
+SHARED_EXTRA = ("gui",)
+
+
+def saved_extra(spec: MachineSpec) -> dict[str, str]:
+    """The saved boot's ``extra``: a GUI qube's saved boot runs its GUI agent too."""
+    extra = {k: spec.extra[k] for k in SHARED_EXTRA if k in spec.extra}
+    extra["boot_state"] = "save"
+    return extra
 
 
 def restore_spec(spec: MachineSpec) -> MachineSpec:
@@ -149,7 +160,7 @@ def device_fingerprint(spec: MachineSpec, accel: Any) -> str:
     neutral = dataclasses.replace(
         spec, name="qube", qid=1, kernel=Path("/kernel") if spec.kernel else None,
         disks=tuple(DiskSpec(d.name, Path(f"/{d.name}"), d.fmt, d.readonly) for d in spec.disks),
-        extra={"boot_state": "save"})
+        extra=saved_extra(spec))
     argv = build_argv(neutral, accel, Path("/run/qube"), {"qmp": 3, "qrexec": 4, "console": 5})
     return "\0".join(argv)
 

@@ -204,8 +204,11 @@ class QemuLifecycle:
         try:
             t_start = asyncio.get_running_loop().time()
             extra: dict[str, str] = {}
+            # --- GUI (issue 10): Qubes' `gui` feature says the qube runs a GUI agent.
+            if _wants_gui(vm):
+                extra["gui"] = "1"
             volumes = self.volumes(vm)
-            saved = self._saved_state(vm, volumes) if use_saved_state else None
+            saved = self._saved_state(vm, volumes, extra) if use_saved_state else None
             if saved is not None:
                 self.power.move(vm, Power.RESTORING)
             # Each start runs qemu-img; they are independent, so run them side by side.
@@ -262,7 +265,8 @@ class QemuLifecycle:
                 vol.clear_fs_resize()
         self._announce.add(name)
 
-    def _saved_state(self, vm: "QubesVM", volumes: list[Volume]) -> "bootstate.SavedState | None":
+    def _saved_state(self, vm: "QubesVM", volumes: list[Volume],
+                     extra: dict[str, str]) -> "bootstate.SavedState | None":
         """The saved boot state this start restores, if one is ready; if none is, one
         is built in the background for the next start (this one boots cold)."""
         states = self.boot_states
@@ -283,7 +287,7 @@ class QemuLifecycle:
                 image = origin
             shape = self._spec(vm, tuple(DiskSpec(v.name, Path("/" + v.name), "qcow2",
                                                   readonly=not v.config.rw)
-                                         for v in volumes), {})
+                                         for v in volumes), dict(extra))
             key = states.key_for(shape, Path(image))
         except (OSError, QubesException) as e:
             log.info("qube %s: no saved boot state (%s)", vm.name, e)
@@ -300,7 +304,7 @@ class QemuLifecycle:
         volumes = self.volumes(vm)
         if not states.wanted(vm):
             return "off"
-        found = self._saved_state(vm, volumes)
+        found = self._saved_state(vm, volumes, {"gui": "1"} if _wants_gui(vm) else {})
         key = states.last_key
         if found is None and build and key is not None:
             found = await states.build_now(key, *states.last_inputs)
@@ -614,6 +618,15 @@ def host_memory_kib(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _wants_gui(vm: "QubesVM") -> bool:
+    """Qubes' ``gui`` feature: this qube runs a GUI agent (its X server starts at boot)."""
+    try:
+        value = vm.features.get("gui", "")
+    except AttributeError:
+        return False
+    return str(value) not in ("", "0", "False")
 
 
 def volume_vid(vm: "QubesVM", name: str) -> str:

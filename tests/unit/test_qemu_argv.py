@@ -138,13 +138,20 @@ def test_readonly_only_where_asked():
     assert all("readonly" not in drives[n] for n in ("root", "private", "volatile"))
 
 
+def chardev_path(argv, chardev_id):
+    return {c["id"]: c for c in (qemu_opts(v) for v in values(argv, "-chardev"))}[chardev_id]["path"]
+
+
 def test_agent_port_rng_and_sockets_in_the_run_dir():
     argv = qemu.build_argv(pvh(), TCG, RUN)
     names = device_names(argv)
     assert "virtio-serial-device" in names
     assert "virtio-rng-device" in names
-    [port] = [d for d in devices(argv) if d[""] == "virtserialport"]
-    assert port["name"] == "org.qubes-os.qrexec" == qemu.AGENT_PORT
+    ports = {d["name"]: d for d in devices(argv) if d[""] == "virtserialport"}
+    port = ports["org.qubes-os.qrexec"]
+    assert port["name"] == qemu.AGENT_PORT
+    # The GUI's port, on the same virtio-serial device (issue 10).
+    assert chardev_path(argv, ports["org.bulkhead.gui"]["chardev"]) == str(RUN / "gui.sock")
     chardevs = {c["id"]: c for c in (qemu_opts(v) for v in values(argv, "-chardev"))}
     assert chardevs[port["chardev"]][""] == "socket"
     assert chardevs[port["chardev"]]["path"] == str(RUN / "qrexec.sock")
@@ -160,9 +167,10 @@ def test_agent_port_rng_and_sockets_in_the_run_dir():
 
 def test_sockets_made_by_dom0_are_passed_as_descriptors():
     # The jailed QEMU cannot write the run directory: dom0 binds the sockets, QEMU listens.
-    argv = qemu.build_argv(pvh(), TCG, RUN, fds={"qmp": 7, "qrexec": 8, "console": 9})
+    argv = qemu.build_argv(pvh(), TCG, RUN, fds={"qmp": 7, "qrexec": 8, "console": 9, "gui": 10})
     chardevs = {c["id"]: c for c in (qemu_opts(v) for v in values(argv, "-chardev"))}
-    assert {k: c["fd"] for k, c in chardevs.items()} == {"qmp": "7", "qrexec": "8", "console": "9"}
+    assert {k: c["fd"] for k, c in chardevs.items()} == {"qmp": "7", "qrexec": "8", "console": "9",
+                                                              "gui": "10"}
     assert not any("path" in c for c in chardevs.values())
     # The run directory stays on the command line: it names the instance (adoption, cleanup).
     assert values(argv, "-pidfile") == [str(RUN / "qemu.pid")]

@@ -80,6 +80,7 @@ class AdminServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, self.socket_mode)
+        _give_to_group_qubes(self.socket_path)
         log.info("Admin API listening on %s", self.socket_path)
 
     def _remove_stale_socket(self) -> None:
@@ -321,6 +322,15 @@ async def _run_plain(call: Call, spec: MethodSpec, untrusted_payload: bytes) -> 
         raise ProtocolError("unexpected payload")
     call.untrusted_payload = untrusted_payload
     return await spec.handler(call)
+
+
+def _give_to_group_qubes(path: "os.PathLike[str] | str") -> None:
+    """root:qubes, as in Qubes: the desktop user (in group qubes) runs the GUI and the tools."""
+    import grp  # noqa: PLC0415
+    try:
+        os.chown(path, -1, grp.getgrnam("qubes").gr_gid)
+    except (KeyError, OSError):
+        pass   # no group qubes here (a test instance): root only
 
 
 def _peer_pid(writer: asyncio.StreamWriter) -> int:

@@ -5,6 +5,7 @@ Each machine's runtime files live in ``paths.qube_run_dir(name)`` (root's alone)
     qmp.sock      QMP (QEMU is the server; the daemon connects, and reconnects after a restart)
     qrexec.sock   the guest agent's virtio-serial port
     console.sock  the serial console; the daemon copies it into a size-capped log
+    gui.sock      the GUI agent's virtio-serial port (handed to the user's GUI daemon)
     qemu.pid      QEMU's pid on the host; with spec.json, how a new daemon finds machines to adopt
     spec.json     what was started, for re-adoption
 
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 CONSOLE_LOG_CAP = 1024 * 1024   # bytes of serial console kept per qube (guest output is hostile)
 QMP_CONNECT_TIMEOUT = 10.0
-SOCKETS = ("qmp", "qrexec", "console")   # each ``<name>.sock`` in the run directory
+SOCKETS = ("qmp", "qrexec", "console", "gui")   # each ``<name>.sock`` in the run directory
 #: QEMU's whole environment: nothing of the daemon's leaks into it.
 QEMU_ENV = {"PATH": "/usr/bin:/bin"}
 #: The kernel's BIOS reboot flag (phys. 0x472) after a panic with ``reboot=panic_warm``.
@@ -455,7 +456,7 @@ class QemuBackend(Backend):
         # QMP and the agent's port are full control of a qube: root's alone.
         os.chmod(self.paths.run, 0o700)
         os.chmod(run_dir, 0o700)
-        for stale in ("qmp.sock", "qrexec.sock", "console.sock", "qemu.pid"):
+        for stale in ("qmp.sock", "qrexec.sock", "console.sock", "gui.sock", "qemu.pid"):
             (run_dir / stale).unlink(missing_ok=True)
         try:
             j = self.jail_for(spec) if self.jailed else None

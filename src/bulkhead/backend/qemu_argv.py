@@ -14,6 +14,7 @@ from .base import MachineSpec
 
 QEMU = "qemu-system-x86_64"
 AGENT_PORT = "org.qubes-os.qrexec"
+GUI_PORT = "org.bulkhead.gui"   # the GUI agent's port (bulkhead.guest.gui_protocol)
 # TCG's translated-code cache: QEMU's default (1 GiB reserved, filled as code runs)
 # inflates every machine's RSS.  32 MiB was measured best here: 16 makes boots 40 %
 # slower, 64 gains ~3 % for +35 MiB.  BULKHEAD_TCG_TB_SIZE_MIB overrides it (tuning).
@@ -44,6 +45,9 @@ def kernel_cmdline(spec: MachineSpec, accel: Accel) -> str:
         parts.append("maxcpus=1")
     if spec.extra.get("resize_private") == "1" and "boot_state" not in spec.extra:
         parts.append("bulkhead.resize_private=1")
+    # --- GUI (issue 10): the qube starts its GUI agent at boot only if it wants one.
+    if spec.extra.get("gui") == "1":
+        parts.append("bulkhead.gui=1")
     if spec.kernelopts:
         parts.append(spec.kernelopts)
     return " ".join(parts)
@@ -106,6 +110,9 @@ def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path,
         "-device", f"virtio-serial-{bus}",
         "-chardev", chardev("qrexec"),
         "-device", f"virtserialport,chardev=qrexec,name={AGENT_PORT}",
+        # The GUI's own port on the same virtio-serial device (no extra transport).
+        "-chardev", chardev("gui"),
+        "-device", f"virtserialport,chardev=gui,name={GUI_PORT}",
         # Without a hardware RNG, Python in the guest blocks seconds on the entropy pool.
         "-device", f"virtio-rng-{bus}",
         # Free page reporting: the guest hands back what it freed, so an idle qube's

@@ -33,6 +33,12 @@ READY_MARK = "/run/bulkhead/agent-ready"
 # How much dom0-bound output may wait in our send buffer before we stop reading
 # from children (credits already bound it per call; this bounds the total).
 OUT_HIGH_WATER = 4 * 1024 * 1024
+# --- GUI (issue 10): in a qube with a GUI agent, commands find its X server (as in Qubes).
+try:
+    with open("/proc/cmdline") as _f:
+        GUI_ENV = {"DISPLAY": ":0"} if "bulkhead.gui=1" in _f.read().split() else {}
+except OSError:
+    GUI_ENV = {}
 
 POLLIN = select.POLLIN
 POLLOUT = select.POLLOUT
@@ -143,6 +149,7 @@ class Agent:
             "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
             "SHELL": pw.pw_shell or "/bin/sh", "PATH": PATH, "LANG": "C.UTF-8",
         }
+        env.update(GUI_ENV)
         env.update(extra_env)
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)

@@ -26,6 +26,10 @@ PACKAGES = {
     "cpio": "tests read the benchmark initramfs back",
     "bubblewrap": "bwrap: each qube's QEMU runs in a jail of its own",
     "xfsprogs": "mkfs.xfs: tests of the file-reflink pool on a loop-mounted XFS",
+    # --- GUI (issue 10)
+    "python3-xlib": "the GUI daemon draws the qubes' windows (for a system Python)",
+    "xvfb": "tests and bench/gui.py: an X server as the user's display",
+    "xdotool": "tests and bench/gui.py type into the qubes' windows",
 }
 
 

@@ -98,6 +98,9 @@ def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool =
     # Only for the machine's own instance: test instances start their own daemons.
     if paths.home == Paths.from_env({}).home:
         service.install_unit(paths)
+        # --- GUI (issue 10): the desktop user reaches the Admin API through group qubes.
+        from .desktop import ensure_group
+        ensure_group()
     ensure_daemon(paths)
     app = App(Connection(str(paths.socket)))
     ensure_template(app, image, key, kid)

@@ -37,6 +37,11 @@ PACKAGES = [
     "passwd", "sudo",   # the user `user`, root through sudo as in Qubes
     "iproute2", "nftables",  # networking and firewall qubes
     "apt", "procps",
+    # --- GUI (issue 10): an X server with no screen, the GUI agent's X library, and
+    # what a user tries first: a terminal, a text editor (xedit, in x11-apps), an
+    # image viewer, a clipboard tool.  Mesa/LLVM, which libgl1 drags in for Xvfb's
+    # unused GLX, is pruned below (Xvfb runs with -extension GLX).
+    "xvfb", "xfonts-base", "python3-xlib", "xterm", "x11-apps", "xloadimage", "xclip",
 ]
 DPKG_EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
                  "/usr/share/locale/*", "/usr/share/lintian/*"]
@@ -48,6 +53,9 @@ CUSTOMIZE_HOOKS = [
     'printf "127.0.0.1\\tlocalhost\\n::1\\tlocalhost ip6-localhost ip6-loopback\\n" > "$1/etc/hosts"',
     'mkdir -p "$1/rw" "$1/etc/qubes-rpc"',
     'rm -f "$1/etc/machine-id" "$1/var/lib/dbus/machine-id"',
+    # GUI: Mesa's drivers and LLVM (~170 MB) serve only GLX, which Xvfb runs without.
+    'rm -rf "$1"/usr/lib/x86_64-linux-gnu/dri "$1"/usr/lib/x86_64-linux-gnu/libLLVM* '
+    '"$1"/usr/lib/x86_64-linux-gnu/libgallium*',
 ]
 # Guest files: (path in this package, path in the template, mode)
 GUEST_FILES = [
@@ -76,6 +84,10 @@ GUEST_FILES = [
     ("guest/files/rc.shutdown", "usr/lib/bulkhead/rc.shutdown", 0o755),
     ("guest/files/inittab", "etc/inittab", 0o644),
     ("guest/files/fstab", "etc/fstab", 0o644),
+    # --- GUI (issue 10)
+    ("guest/gui_protocol.py", "usr/lib/bulkhead/bulkhead_guest/gui_protocol.py", 0o644),
+    ("guest/gui_agent.py", "usr/lib/bulkhead/bulkhead_guest/gui_agent.py", 0o644),
+    ("guest/files/gui-agent", "usr/lib/bulkhead/gui-agent", 0o755),
 ]
 
 
