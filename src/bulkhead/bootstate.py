@@ -161,7 +161,9 @@ def device_fingerprint(spec: MachineSpec, accel: Any) -> str:
         spec, name="qube", qid=1, kernel=Path("/kernel") if spec.kernel else None,
         disks=tuple(DiskSpec(d.name, Path(f"/{d.name}"), d.fmt, d.readonly) for d in spec.disks),
         extra=saved_extra(spec))
-    argv = build_argv(neutral, accel, Path("/run/qube"), {"qmp": 3, "qrexec": 4, "console": 5})
+    from .backend.qemu import SOCKETS
+    argv = build_argv(neutral, accel, Path("/run/qube"),
+                      {name: 3 + i for i, name in enumerate(SOCKETS)})
     return "\0".join(argv)
 
 
