@@ -16,6 +16,7 @@ start undoes everything it did and raises with the reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -63,6 +64,9 @@ class QemuLifecycle:
         # waits for that stop (qvm-shutdown --wait, qvm-kill).
         self._stop_errors: dict[str, str] = {}
         self.disk_monitor = DiskMonitor(app)
+        # --- networking: links, relays, pushes to the agents (bulkhead.network) ---
+        from .network.manager import Network
+        self.network = Network(app, paths)
 
     # --- the backend, created on first use (detecting KVM boots a kernel) ------
     @property
@@ -202,8 +206,13 @@ class QemuLifecycle:
                 if vol.name == "private" and getattr(vol, "fs_resize_pending", lambda: False)():
                     extra["resize_private"] = "1"
             spec = self._spec(vm, tuple(disks), extra)
+            # --- networking: the qube's network devices, on descriptors dom0 made ---
+            spec = dataclasses.replace(spec, nics=await self.network.prepare(vm))
             self._stopped[name] = asyncio.get_running_loop().create_future()
-            machine = await self.backend.start(spec, self._on_exit)
+            try:
+                machine = await self.backend.start(spec, self._on_exit)
+            finally:
+                self.network.launched(vm)
             self.machines[name] = machine
             self._watch_disk_errors(vm, machine)
             link = AgentLink(name, str(machine.agent_socket), on_call=self._on_call)
@@ -212,6 +221,8 @@ class QemuLifecycle:
                 await link.ensure_ready(float(vm.qrexec_timeout))
             except AgentLinkError as e:
                 raise QubesVMError(vm, f"{e}; the qube's console log is {machine.console_log}") from e
+            # --- networking: configure the qube, join it to its netvm ---
+            await self.network.started(vm)
         except BaseException as e:
             await self._undo_start(vm, started)
             if isinstance(e, QubesException):
@@ -252,6 +263,7 @@ class QemuLifecycle:
         link = self.links.pop(name, None)
         if link:
             link.close("start failed")
+        await self.network.stopped(vm)   # networking
         await self._stop_volumes(vm, started)
 
     async def _stop_volumes(self, vm: "QubesVM", volumes: list[Volume]) -> str | None:
@@ -292,6 +304,7 @@ class QemuLifecycle:
             self.crashed.add(name)
         try:
             if vm is not None:
+                await self.network.stopped(vm)   # networking: its links and relay go
                 failure = await self._stop_volumes(vm, self.volumes(vm))
                 if failure is not None:
                     self._stop_errors[name] = failure

@@ -281,6 +281,12 @@ class Agent:
     def service_request(self, chan, payload):
         user, service, source = P.split_service(payload)
         name, _, arg = service.partition("+")
+        # --- networking: dom0 pushes this qube's network state (bulkhead_guest.netconf) ---
+        if service == NETCONF_SERVICE:
+            if source != "dom0":
+                return self.refuse(chan, "%s is dom0's alone" % NETCONF_SERVICE)
+            return self.start_call(chan, "root", "netconf", [], {}, run=_netconf_main)
+        # --- end networking ---
         for d in RPC_DIRS:
             for candidate in (service, name):
                 path = "%s/%s" % (d, candidate)
@@ -515,6 +521,15 @@ class Agent:
                 call.credit -= len(data)
                 self.send(call.out_fds[fd], call.chan, data)
         self.maybe_finish(call)
+
+
+NETCONF_SERVICE = "bulkhead.NetConfig"
+
+
+def _netconf_main():
+    """In a forked child: apply the network configuration on stdin (imported here only)."""
+    from . import netconf  # noqa: PLC0415 -- only when dom0 configures the network
+    return netconf.main()
 
 
 def _plain(word):
