@@ -48,6 +48,11 @@ class Instance:
              timeout: float = 180, text: bool = True) -> subprocess.CompletedProcess:
         exe = BIN / argv[0]
         cmd = [str(exe) if exe.exists() else argv[0], *argv[1:]]
+        module = f"bulkhead.tools.{argv[0].replace('-', '_')}"
+        if not exe.exists() and argv[0].startswith("qvm-") and \
+                (Path(__file__).parents[2] / "src" / (module.replace(".", "/") + ".py")).exists():
+            # A tool newer than the shared venv's scripts: run its module (same code).
+            cmd = [sys.executable, "-m", module, *argv[1:]]
         r = subprocess.run(cmd, env=self.env, input=input, capture_output=True, text=text,
                            timeout=timeout)
         if check and r.returncode != 0:

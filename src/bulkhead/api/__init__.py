@@ -23,6 +23,7 @@ METHOD_MODULES = (
     "bulkhead.api.volume_import",
     "bulkhead.api.admin_qrexec",
     "bulkhead.api.admin_policy",
+    "bulkhead.api.admin_firewall",
 )
 #: modules other parts of Bulkhead provide; loaded when they are there
 OPTIONAL_METHOD_MODULES: tuple[str, ...] = ()
