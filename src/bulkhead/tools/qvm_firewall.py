@@ -81,8 +81,25 @@ def _table(rules: list[dict[str, str]]) -> str:
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in rows)
 
 
+def _options_first(args: Sequence[str]) -> list[str]:
+    """``VM add --before 0 drop ...``: argparse would end the rule's words at the option;
+    options are moved in front so the words after the command stay one rule."""
+    front: list[str] = []
+    rest: list[str] = []
+    it = iter(args)
+    for tok in it:
+        if tok in ("--before", "--rule-no"):
+            front += [tok, next(it, "")]
+        elif tok.startswith(("--before=", "--rule-no=")) or tok in ("--raw", "--reload", "-r"):
+            front.append(tok)
+        else:
+            rest.append(tok)
+    return front + rest
+
+
 def main(args: Sequence[str] | None = None, app: App | None = None) -> int:
     parser = get_parser()
+    args = _options_first(sys.argv[1:] if args is None else args)
 
     def body(ns: argparse.Namespace) -> int:
         vm = ns.domains[0]
