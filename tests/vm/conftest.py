@@ -139,8 +139,13 @@ def make_instance(home: Path, *setup_args: str) -> Instance:
     (``bulkhead setup --no-install`` and ``setup_args``); the caller tears it down."""
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
+    # No qube of a test may reach the host's real network: sys-net has no uplink unless
+    # a test gives it a bridge into a namespace of its own, and passt is refused outright.
     env = dict(os.environ, BULKHEAD_HOME=str(home), BULKHEAD_SOCKET=str(home / "qubesd.sock"),
-               BULKHEAD_CACHE=CACHE, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+               BULKHEAD_CACHE=CACHE, PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+               BULKHEAD_NO_PASST="1")
+    if "--uplink" not in setup_args:
+        setup_args = (*setup_args, "--uplink", "none")
     inst = Instance(home=home, socket=home / "qubesd.sock", env=env)
     r = subprocess.run([str(BIN / "bulkhead"), "setup", "--no-install", *setup_args], env=env,
                        capture_output=True, text=True, timeout=1800)

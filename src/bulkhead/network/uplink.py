@@ -57,6 +57,16 @@ def _ipv4(text: str) -> bool:
     return len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts)
 
 
+def check_mode(mode: str) -> None:
+    """Just the ``uplink`` value (for ``bulkhead setup --uplink``); raises UplinkError."""
+    if mode in ("passt", "none"):
+        return
+    parts = mode.split(":")
+    if len(parts) != 3 or parts[0] != "bridge" or not _NETNS_RE.match(parts[1]) \
+            or not _NAME_RE.match(parts[2]):
+        raise UplinkError(f"{mode!r}: expected passt, none or bridge:NETNS:BRIDGE")
+
+
 def parse(features: dict[str, str]) -> Uplink:
     """The uplink a netvm's features ask for; raises UplinkError naming what is wrong."""
     mode = features.get("uplink", "passt") or "passt"
@@ -175,6 +185,10 @@ async def start_passt(name: str) -> tuple[int, "object"]:
     import asyncio
     import shutil
 
+    if os.environ.get("BULKHEAD_NO_PASST", "") in ("1", "yes", "true"):
+        # Tests and benchmarks on shared machines: no packet may reach the real network.
+        raise UplinkError("uplink passt refused: BULKHEAD_NO_PASST is set in the daemon's "
+                          "environment (use uplink none or bridge:NETNS:BRIDGE)")
     passt = shutil.which("passt")
     if passt is None:
         raise UplinkError("uplink passt: the passt program is not installed (apt install passt)")

@@ -63,7 +63,7 @@ def ensure_template(app: App, image: Path, image_key: str, kernel: str) -> str:
     return "imported"
 
 
-def ensure_default_qubes(app: App) -> list[str]:
+def ensure_default_qubes(app: App, uplink: str = "passt") -> list[str]:
     created = []
     _set_global(app, "default_template", TEMPLATE)
     for name, klass, label, props in DEFAULT_QUBES:
@@ -73,6 +73,9 @@ def ensure_default_qubes(app: App) -> list[str]:
             vm = app.add_new_vm(klass, name, label, template=TEMPLATE)
             for prop, value in props.items():
                 setattr(vm, prop, value)
+            if name == "sys-net":
+                # sys-net's uplink (bulkhead.network.uplink): a new install's choice.
+                vm.features["uplink"] = uplink
         created.append(name)
         if name == "sys-firewall":
             _set_global(app, "default_netvm", "sys-firewall")
