@@ -46,7 +46,10 @@ class Internet:
         subprocess.run(["ip", "netns", "delete", self.netns], check=False, capture_output=True)
 
 
-def make_internet(root: Path, big_mib: int = 0) -> Internet:
+def make_internet(root: Path, big_mib: int = 0,
+                  dns: dict[str, list[str]] | None = None) -> Internet:
+    """``dns``: names the DNS server at SERVER answers, each with its addresses in turn
+    (each address is also put on the bridge, where the HTTP server answers too)."""
     netns = f"bhnet{os.getpid()}"
     bridge = "br0"
     subprocess.run(["ip", "netns", "delete", netns], check=False, capture_output=True)
@@ -63,9 +66,19 @@ def make_internet(root: Path, big_mib: int = 0) -> Internet:
             f.write(os.urandom(1024 * 1024) * big_mib)
     server = subprocess.Popen(
         ["ip", "netns", "exec", netns, sys.executable, "-m", "http.server", "80",
-         "--bind", SERVER, "--directory", str(root)],
+         "--bind", "0.0.0.0", "--directory", str(root)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    net = Internet(netns, bridge, root, [server])
+    procs = [server]
+    if dns:
+        for extra in {ip for ips in dns.values() for ip in ips} - {SERVER}:
+            subprocess.run(["ip", "-n", netns, "addr", "add", f"{extra}/24", "dev", bridge],
+                           check=True, capture_output=True)
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable,
+             str(Path(__file__).with_name("dns_server.py")), SERVER,
+             *(f"{name}={','.join(ips)}" for name, ips in dns.items())],
+            stdout=(root / "dns.log").open("w"), stderr=subprocess.STDOUT))
+    net = Internet(netns, bridge, root, procs)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         r = net.ns("python3", "-c", f"import urllib.request as u; u.urlopen('http://{SERVER}/', timeout=2)",

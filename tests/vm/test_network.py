@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from internet import PAGE, SERVER, make_internet
+from internet import PAGE, SERVER, SUBNET, make_internet
 
 from bulkhead.netns import interfaces
 
@@ -20,7 +20,8 @@ FETCH = (f"printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 5 {SERV
 
 @pytest.fixture(scope="module")
 def internet(bulkhead, tmp_path_factory):
-    net = make_internet(tmp_path_factory.mktemp("internet"))
+    net = make_internet(tmp_path_factory.mktemp("internet"),
+                        dns={"cdn.test": [f"{SUBNET}.3", f"{SUBNET}.4"]})
     for qube in ("work", "personal", "untrusted", "sys-firewall", "sys-net"):
         bulkhead.tool("qvm-shutdown", "--wait", "--force", qube, check=False)
     for key, value in net.features().items():
@@ -38,8 +39,8 @@ def online(bulkhead, internet):
     return internet
 
 
-def fetch(bulkhead, qube: str) -> str | None:
-    r = bulkhead.run(qube, FETCH, check=False)
+def fetch(bulkhead, qube: str, server: str = SERVER) -> str | None:
+    r = bulkhead.run(qube, FETCH.replace(SERVER, server), check=False)
     return r.stdout if r.returncode == 0 and r.stdout else None
 
 
@@ -155,3 +156,27 @@ def test_switching_netvm_of_a_running_qube(bulkhead, online):
         time.sleep(1)
     assert f"default via {app.domains['sys-firewall'].ip}" in bulkhead.run("work", "ip route").stdout
     assert fetch(bulkhead, "work") == PAGE.decode()
+
+
+def test_hostname_rule_follows_the_dns_answers_the_client_got(bulkhead, online):
+    """Qubes resolves a rule's name once; here the firewall qube admits what each of the
+    client's own lookups returned.  The test DNS server answers cdn.test with .3 and .4
+    in turn, so the address the firewall qube itself resolved and the ones work gets
+    differ: each must be reachable right after work's lookup returned it."""
+    bulkhead.tool("qvm-firewall", "work", "reset")
+    bulkhead.tool("qvm-firewall", "work", "add", "--before", "0", "accept", "dsthost=cdn.test")
+    bulkhead.tool("qvm-firewall", "work", "add", "--before", "0", "accept",
+                  "specialtarget=dns")
+    bulkhead.tool("qvm-firewall", "work", "del", "--rule-no", "2")   # the final accept
+    try:
+        assert fetch(bulkhead, "work") is None            # not in any answer: dropped
+        lookup = "python3 -c \"import socket; print(socket.gethostbyname('cdn.test'))\""
+        first = bulkhead.run("work", lookup).stdout.strip()
+        assert fetch(bulkhead, "work", first) == PAGE.decode()
+        second = bulkhead.run("work", lookup).stdout.strip()
+        assert {first, second} == {f"{SUBNET}.3", f"{SUBNET}.4"}
+        assert fetch(bulkhead, "work", second) == PAGE.decode()
+        assert fetch(bulkhead, "work") is None
+        # personal's rules name no host: its lookups add nothing for work
+    finally:
+        bulkhead.tool("qvm-firewall", "work", "reset")

@@ -42,6 +42,7 @@ from . import fwrules
 VIRTUAL_DNS = ("10.139.1.1", "10.139.1.2")
 GATEWAY_MAC = "fe:ff:ff:ff:ff:ff"
 LINK_MTU = 65520
+PROXY_PORT = 5353   # the DNS forwarder (dnsproxy.PORT), not imported: it needs socket
 TRUNK_MTU = 65535
 STATE_DIR = "/run/bulkhead/net"
 MAX_INPUT = 256 * 1024
@@ -124,10 +125,15 @@ def _ports(value):
     return lo if lo == hi else value
 
 
-def render_rule(rule, resolve):
-    """One parsed rule -> an nft statement; raises ConfigError (fail closed)."""
+def render_rule(rule, resolve, setname=None):
+    """One parsed rule -> nft statements; raises ConfigError (fail closed).
+
+    A host name becomes two statements: its addresses resolved here now (as Qubes
+    does; a name that does not resolve blocks the client), and the set ``setname``
+    that the DNS forwarder fills with what the client's own lookups return."""
     parts = []
     kind = rule.get("dstkind")
+    dests = [None]
     if "dsthost" in rule:
         if kind == "dst4":
             parts.append("ip daddr %s" % rule["dsthost"])
@@ -137,7 +143,9 @@ def render_rule(rule, resolve):
             addrs = resolve(rule["dsthost"])
             if not addrs:
                 raise ConfigError("dsthost %s: the name does not resolve" % rule["dsthost"])
-            parts.append("ip daddr { %s }" % ", ".join(sorted(addrs)))
+            dests = ["ip daddr { %s }" % ", ".join(sorted(addrs))]
+            if setname:
+                dests.append("ip daddr @%s" % setname)
     if rule.get("specialtarget") == "dns":
         # The address the client asked for, before a DNAT to the real server.
         parts.append("ct original ip daddr { %s }" % ", ".join(VIRTUAL_DNS))
@@ -154,28 +162,41 @@ def render_rule(rule, resolve):
             parts.append("icmp type %s" % rule["icmptype"])
     parts.append("accept" if rule["action"] == "accept"
                  else "reject with icmpx type admin-prohibited")
-    return " ".join(parts)
+    return [" ".join(([d] if d else []) + parts) for d in dests]
 
 
-def client_chain(vid, rules, resolve, now):
-    """The statements of chain fw-VID; raises ConfigError if any rule cannot be used."""
+def client_chain(vid, rules, resolve, now, sets=None):
+    """The statements of chain fw-VID; raises ConfigError if any rule cannot be used.
+    ``sets``: filled with {set name: host name} for the rules that track DNS answers."""
     out = []
     for i, rule in enumerate(rules, 1):
         if "expire" in rule and int(rule["expire"]) <= now:
             continue
+        setname = None
+        if sets is not None and rule.get("dstkind") == "dsthost":
+            setname = "h%d_%d" % (vid, i)
         try:
-            out.append(render_rule(rule, resolve))
+            out += render_rule(rule, resolve, setname)
         except ConfigError as e:
             raise ConfigError("rule %d: %s" % (i, e)) from None
+        if setname:
+            sets[setname] = rule["dsthost"]
     out.append("reject with icmpx type admin-prohibited")
     return out
 
 
-def render_ruleset(cfg, upstream, chains):
+def render_ruleset(cfg, upstream, chains, sets=None, seen=(), now=0, proxy=None):
     """The whole ruleset.  ``upstream``: the interface clients' traffic leaves by (NAT),
-    or None; ``chains``: VID -> statements (a blocked client gets only the reject)."""
+    or None; ``chains``: VID -> statements (a blocked client gets only the reject);
+    ``sets``: the DNS-tracked sets, ``seen``: (set, address, expiry) they held;
+    ``proxy``: the address of this netvm's DNS forwarder (its UDP DNS goes there)."""
     clients = cfg["clients"]
     lines = ["flush ruleset", "table inet bulkhead {"]
+    for name in sorted(sets or {}):
+        elements = ["%s timeout %ds" % (addr, expiry - now) for s, addr, expiry in seen
+                    if s == name and expiry - now >= 1]
+        lines.append("  set %s { type ipv4_addr; flags timeout;%s }"
+                     % (name, " elements = { %s };" % ", ".join(elements) if elements else ""))
     lines += ["  chain antispoof {", "    type filter hook prerouting priority raw; policy accept;"]
     for vid, (ip, _mac) in sorted(clients.items()):
         lines.append('    iifname "vif%d" ip saddr != %s drop' % (vid, ip))
@@ -183,8 +204,11 @@ def render_ruleset(cfg, upstream, chains):
     lines.append("  }")
     lines += ["  chain dns {", "    type nat hook prerouting priority dstnat; policy accept;"]
     dns = cfg["dns"]
-    if dns and clients:
-        for i, virtual in enumerate(VIRTUAL_DNS):
+    for i, virtual in enumerate(VIRTUAL_DNS if clients else ()):
+        if proxy:
+            lines.append('    iifname "vif*" ip daddr %s udp dport 53 dnat ip to %s:%d'
+                         % (virtual, proxy, PROXY_PORT))
+        if dns:
             real = dns[min(i, len(dns) - 1)]
             lines.append('    iifname "vif*" ip daddr %s meta l4proto { tcp, udp } th dport 53 '
                          "dnat ip to %s" % (virtual, real))
@@ -196,6 +220,7 @@ def render_ruleset(cfg, upstream, chains):
     lines += ["  chain input {", "    type filter hook input priority filter; policy accept;",
               '    iifname "vif*" ct state established,related accept',
               '    iifname "vif*" meta l4proto icmp accept',
+              '    iifname "vif*" udp dport %d accept' % PROXY_PORT,
               '    iifname "vif*" drop', "  }"]
     lines += ["  chain forward {", "    type filter hook forward priority filter; policy drop;",
               "    ct state invalid drop",
@@ -367,6 +392,8 @@ def apply(cfg, now):
     if cfg["link"] or cfg["nolink"]:
         resolv = "".join("nameserver %s\n" % a for a in VIRTUAL_DNS) if cfg["link"] else ""
         write_file("/etc/resolv.conf", resolv)
+    elif cfg["uplink"] and cfg["dns"]:
+        write_file("/etc/resolv.conf", "".join("nameserver %s\n" % a for a in cfg["dns"]))
     if not cfg["trunk"]:
         return problems
     sysctl("net.ipv4.ip_forward", "1")
@@ -374,24 +401,52 @@ def apply(cfg, now):
     sysctl("net.ipv6.conf.all.disable_ipv6", "1")
     resolve = resolver()
     chains = {}
-    for vid in cfg["clients"]:
+    sets = {}
+    track = []
+    for vid, (client_ip, _mac) in cfg["clients"].items():
         if vid in cfg["blocked"]:
             problems.append("client %d blocked: %s" % (vid, cfg["blocked"][vid]))
             chains[vid] = ["reject with icmpx type admin-prohibited"]
             continue
+        mine = {}
         try:
-            chains[vid] = client_chain(vid, cfg["rules"].get(vid, []), resolve, now)
+            chains[vid] = client_chain(vid, cfg["rules"].get(vid, []), resolve, now, mine)
         except ConfigError as e:
             problems.append("client %d blocked: %s" % (vid, e))
             cfg["blocked"][vid] = str(e)
             chains[vid] = ["reject with icmpx type admin-prohibited"]
-    ruleset = render_ruleset(cfg, upstream, chains)
+            continue
+        sets.update(mine)
+        track += ["%s %s %s\n" % (client_ip, name, host) for name, host in sorted(mine.items())]
+    # The DNS forwarder: where it sends queries, which answers it tracks for whom.
+    os.makedirs(STATE_DIR, exist_ok=True)
+    upstream_dns = cfg["dns"] or (list(VIRTUAL_DNS) if cfg["link"] else [])
+    write_file(STATE_DIR + "/dns-upstream", "".join(a + "\n" for a in upstream_dns))
+    write_file(STATE_DIR + "/dns-track", "".join(track))
+    seen = []
+    for words in _read_words(STATE_DIR + "/dns-seen"):
+        if len(words) == 3 and words[0] in sets and words[2].isdigit() \
+                and fwrules.parse_cidr4(words[1]) == words[1] + "/32":
+            seen.append((words[0], words[1], int(words[2])))
+    proxy = cfg["trunk"][1] if upstream_dns else None
+    ruleset = render_ruleset(cfg, upstream, chains, sets, seen, now, proxy)
     status, err = run(["/usr/sbin/nft", "-f", "-"], ruleset.encode())
     if status != 0:
         problems.append("nft refused the ruleset, every client is blocked: " + err)
         run(["/usr/sbin/nft", "-f", "-"], blocked_ruleset(cfg).encode())
     flush_changed(cfg)
+    if proxy:
+        from . import dnsproxy  # noqa: PLC0415 -- needs socket; only netvms start it
+        dnsproxy.ensure_running()
     return problems
+
+
+def _read_words(path):
+    try:
+        with open(path) as f:
+            return [line.split() for line in f.read().splitlines()]
+    except OSError:
+        return []
 
 
 def flush_changed(cfg):
