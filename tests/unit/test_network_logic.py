@@ -276,3 +276,61 @@ def test_uplink_features():
         with pytest.raises(uplink.UplinkError, match=why):
             uplink.parse(bad)
     assert len(uplink.tap_name("0123456789abcdef", 254)) <= 15
+
+
+# --- DNS answers that hostname rules follow ------------------------------------------------
+def _dns_answer(qname: str, records: list[tuple[str, int, int, bytes]]) -> bytes:
+    """A response: records are (owner, type, ttl, rdata); owner names uncompressed."""
+    def name(n: str) -> bytes:
+        return b"".join(bytes([len(p)]) + p.encode() for p in n.split(".")) + b"\0"
+    msg = b"\x12\x34\x81\x80\x00\x01" + len(records).to_bytes(2, "big") + b"\0\0\0\0"
+    msg += name(qname) + b"\x00\x01\x00\x01"
+    for owner, rtype, ttl, rdata in records:
+        msg += (name(owner) + rtype.to_bytes(2, "big") + b"\x00\x01" + ttl.to_bytes(4, "big")
+                + len(rdata).to_bytes(2, "big") + rdata)
+    return msg
+
+
+def test_answer_addresses_follow_the_cname_chain_only():
+    from bulkhead.guest import dnsproxy
+
+    msg = _dns_answer("www.example.org", [
+        ("www.example.org", 5, 300, b"\x03cdn\x03net\x00"),
+        ("cdn.net", 1, 60, bytes([203, 0, 113, 7])),
+        ("evil.example", 1, 9999, bytes([198, 51, 100, 1])),   # not in the chain
+        ("www.example.org", 1, 0, bytes([203, 0, 113, 8])),     # TTL 0: the floor
+    ])
+    qname, addrs = dnsproxy.answer_addresses(msg)
+    assert qname == "www.example.org"
+    assert addrs == {"203.0.113.7": 60, "203.0.113.8": dnsproxy.MIN_TTL}
+
+
+@pytest.mark.parametrize("cut", [5, 20, 35])
+def test_truncated_or_looping_answers_are_malformed(cut):
+    from bulkhead.guest import dnsproxy
+
+    msg = _dns_answer("a.b", [("a.b", 1, 60, b"\x01\x02\x03\x04")])
+    with pytest.raises(dnsproxy.Malformed):
+        dnsproxy.answer_addresses(msg[:cut])
+    loop = b"\x00\x01\x81\x80\x00\x01\x00\x00\x00\x00\x00\x00" + b"\xc0\x0c"
+    with pytest.raises(dnsproxy.Malformed):
+        dnsproxy.answer_addresses(loop)
+
+
+def test_hostname_rules_get_a_set_the_forwarder_fills():
+    cfg = netconf.parse_config(manager.config_text(
+        trunk=("fe:ff:ff:ff:ff:ff", "10.137.0.2"), dns=("192.0.2.1",),
+        clients=[(3, "10.137.0.3", "00:16:3e:5e:6c:03",
+                  fwrules.parse_rules("action=accept dsthost=cdn.test proto=tcp\n"))]))
+    sets = {}
+    chain = netconf.client_chain(3, cfg["rules"][3], lambda n: {"192.0.2.3"}, 0, sets)
+    assert sets == {"h3_1": "cdn.test"}
+    assert chain[:2] == ["ip daddr { 192.0.2.3 } meta l4proto tcp accept",
+                         "ip daddr @h3_1 meta l4proto tcp accept"]
+    text = netconf.render_ruleset(cfg, "eth1", {3: chain}, sets,
+                                  [("h3_1", "192.0.2.4", 130), ("h3_1", "192.0.2.5", 100)],
+                                  now=100, proxy="10.137.0.2")
+    assert "set h3_1 { type ipv4_addr; flags timeout; elements = { 192.0.2.4 timeout 30s }; }" \
+        in text
+    assert 'ip daddr 10.139.1.1 udp dport 53 dnat ip to 10.137.0.2:5353' in text
+    assert 'iifname "vif*" udp dport 5353 accept' in text
