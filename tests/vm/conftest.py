@@ -60,6 +60,10 @@ class Instance:
                                  f"stdout: {r.stdout}\nstderr: {r.stderr}")
         return r
 
+    def tool_argv(self, name: str) -> list[str]:
+        exe = BIN / name
+        return [str(exe) if exe.exists() else name]
+
     def run(self, qube: str, command: str, user: str | None = None, input: str | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
         args = ["qvm-run", "--pass-io"] + (["-u", user] if user else []) + [qube, command]

@@ -180,3 +180,55 @@ def test_hostname_rule_follows_the_dns_answers_the_client_got(bulkhead, online):
         # personal's rules name no host: its lookups add nothing for work
     finally:
         bulkhead.tool("qvm-firewall", "work", "reset")
+
+
+ECHO_SERVER = """
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7001)); s.listen(8)
+def serve(c):
+    while True:
+        d = c.recv(100)
+        if not d: return
+        c.sendall(d)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+ECHO_CLIENT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 7001), timeout=3)
+n = 0
+try:
+    while n < 100:
+        s.sendall(b"x"); s.recv(10); n += 1
+        if n == 1: print("connected", flush=True)
+        time.sleep(0.2)
+    print("still up after", n, flush=True)
+except OSError as e:
+    print("cut after", n, e, flush=True)
+"""
+
+
+def test_a_new_drop_rule_cuts_established_connections(bulkhead, online):
+    """Established connections pass the firewall, so a new rule must flush the
+    connection tracking of the client: the open connection is judged again, and cut."""
+    import subprocess
+    import sys
+
+    server = subprocess.Popen(["ip", "netns", "exec", online.netns, sys.executable, "-c",
+                               ECHO_SERVER])
+    online.procs.append(server)
+    time.sleep(1)
+    client = subprocess.Popen(
+        [*bulkhead.tool_argv("qvm-run"), "-p", "work", f"python3 -c '{ECHO_CLIENT}' {SERVER}"],
+        env=bulkhead.env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "connected"
+        bulkhead.tool("qvm-firewall", "work", "add", "--before", "0", "drop",
+                      f"dsthost={SERVER}")
+        line = client.stdout.readline()
+        assert line.startswith("cut after"), line
+    finally:
+        client.kill()
+        bulkhead.tool("qvm-firewall", "work", "reset")
