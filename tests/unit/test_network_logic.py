@@ -334,3 +334,20 @@ def test_hostname_rules_get_a_set_the_forwarder_fills():
         in text
     assert 'ip daddr 10.139.1.1 udp dport 53 dnat ip to 10.137.0.2:5353' in text
     assert 'iifname "vif*" udp dport 5353 accept' in text
+
+
+def test_tor_gateway_ruleset_and_torrc():
+    cfg = netconf.parse_config(manager.config_text(
+        trunk=("fe:ff:ff:ff:ff:ff", "10.137.0.9"), tor="offline",
+        clients=[(5, "10.137.0.5", "00:16:3e:5e:6c:05", [{"action": "accept"}])]))
+    assert cfg["tor"] == "offline"
+    text = netconf.render_tor_ruleset(cfg)
+    assert 'iifname "vif*" meta l4proto tcp redirect to :9040' in text
+    assert 'iifname "vif*" udp dport 53 redirect to :5300' in text
+    forward = text.split("chain forward {")[1].split("}")[0]
+    assert "policy drop" in forward and "accept" not in forward   # nothing is forwarded
+    rc = netconf.torrc("10.137.0.9", online=False).splitlines()
+    assert "TransPort 10.137.0.9:9040 IsolateClientAddr IsolateDestAddr" in rc
+    assert "DNSPort 10.137.0.9:5300 IsolateClientAddr" in rc
+    assert "DisableNetwork 1" in rc
+    assert "DisableNetwork 1" not in netconf.torrc("10.137.0.9", online=True)

@@ -232,3 +232,51 @@ def test_a_new_drop_rule_cuts_established_connections(bulkhead, online):
     finally:
         client.kill()
         bulkhead.tool("qvm-firewall", "work", "reset")
+
+
+def _packets_from_sys_net(bulkhead, online) -> int:
+    """Packets sys-net sent into the test internet (the tap's receive count there)."""
+    import json
+
+    from bulkhead.network.uplink import tap_name
+
+    qid = int(bulkhead.app().domains["sys-net"].qid)
+    tap = tap_name(bulkhead.paths.run.name, qid)
+    out = online.ns("ip", "-s", "-j", "link", "show", "dev", tap).stdout
+    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
+
+
+def test_sys_tor_lets_nothing_out_but_tor(bulkhead, online):
+    """A client of sys-tor: its TCP lands in Tor's TransPort, its DNS in Tor's DNSPort,
+    and not one packet of its own reaches the uplink (Tor runs with DisableNetwork here:
+    a test must not reach the real Tor network)."""
+    bulkhead.tool("qvm-features", "sys-tor", "tor-disable-network", "1")
+    bulkhead.tool("qvm-prefs", "sys-tor", "netvm", "sys-net")
+    bulkhead.tool("qvm-shutdown", "--wait", "untrusted", check=False)
+    bulkhead.tool("qvm-prefs", "untrusted", "netvm", "sys-tor")
+    try:
+        bulkhead.ensure_running("untrusted")
+        torrc = bulkhead.run("sys-tor", "cat /etc/tor/torrc", user="root").stdout
+        tor_ip = bulkhead.app().domains["sys-tor"].ip
+        for line in (f"TransPort {tor_ip}:9040", f"DNSPort {tor_ip}:5300", "SocksPort 0",
+                     "AutomapHostsOnResolve 1", "User debian-tor", "DisableNetwork 1"):
+            assert line in torrc.splitlines() or any(l.startswith(line + " ")
+                                                     for l in torrc.splitlines()), line
+        assert "tor" in bulkhead.run("sys-tor", "cat /proc/$(cat /run/tor/tor.pid)/comm",
+                                     user="root").stdout
+        before = _packets_from_sys_net(bulkhead, online)
+        # TCP: accepted, by Tor (which cannot build a circuit: nothing comes back)
+        r = bulkhead.run("untrusted", f"busybox nc -z -w 3 {SERVER} 80 && echo open",
+                         check=False)
+        assert "open" in r.stdout, "TCP did not reach Tor's TransPort"
+        assert fetch(bulkhead, "untrusted") is None
+        # UDP, ICMP, DNS straight to a server, spoofed sources: all go nowhere
+        bulkhead.run("untrusted", f"echo x | busybox nc -u -w 1 {SERVER} 9999; "
+                                  f"ping -c 2 -W 1 {SERVER}; "
+                                  f"python3 -c \"import socket; socket.gethostbyname('cdn.test')\"",
+                     user="root", check=False)
+        time.sleep(2)
+        assert _packets_from_sys_net(bulkhead, online) == before
+    finally:
+        bulkhead.tool("qvm-kill", "untrusted", check=False)
+        bulkhead.tool("qvm-prefs", "--default", "untrusted", "netvm")

@@ -20,6 +20,9 @@ The lines (each word checked, anything else refused)::
     client VID IP MAC            one client: vif<VID> on VLAN VID, its address and MAC
     rule VID RULE                its firewall rules, in order (Qubes' line format)
     norules VID                  a client whose rules dom0 could not give: blocked
+    tor online|offline           this netvm is a Tor gateway: every client's TCP goes into
+                                 Tor's TransPort, its DNS into Tor's DNSPort, nothing else
+                                 passes; ``offline``: Tor's DisableNetwork (tests)
 
 The firewall (nftables, one table ``inet bulkhead``): per client, anti-spoofing
 (only its own address may come in on its vif), no client-to-client traffic,
@@ -77,7 +80,7 @@ def _vid(text):
 def parse_config(text):
     """The lines above -> a dict; raises ConfigError naming the bad line."""
     cfg = {"link": None, "nolink": False, "trunk": None, "uplink": None, "dns": [],
-           "clients": {}, "rules": {}, "blocked": {}}
+           "clients": {}, "rules": {}, "blocked": {}, "tor": None}
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -107,6 +110,8 @@ def parse_config(text):
                     cfg["rules"].setdefault(vid, []).append(fwrules.parse_rule(rule_text))
                 except fwrules.RuleError as e:
                     cfg["blocked"][vid] = "rule %d: %s" % (len(cfg["rules"].get(vid, [])) + 1, e)
+            elif word == "tor" and len(args) == 1 and args[0] in ("online", "offline"):
+                cfg["tor"] = args[0]
             elif word == "norules" and len(args) == 1:
                 cfg["blocked"][_vid(args[0])] = "dom0 gave no usable rules"
             else:
@@ -235,6 +240,98 @@ def render_ruleset(cfg, upstream, chains, sets=None, seen=(), now=0, proxy=None)
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+TOR_TRANS_PORT = 9040
+TOR_DNS_PORT = 5300
+
+
+def torrc(own_ip, online):
+    """The Tor gateway's torrc: what a Tor user expects of a transparent gateway."""
+    lines = [
+        "# Written by Bulkhead: sys-tor, a Tor gateway in the role of Whonix-Gateway.",
+        "# Every client's TCP arrives at TransPort, its DNS at DNSPort (nftables redirects);",
+        "# nothing else a client sends is forwarded.",
+        "User debian-tor",
+        "DataDirectory /var/lib/tor",
+        "Log notice file /var/log/tor/notices.log",
+        "RunAsDaemon 1",
+        "PidFile /run/tor/tor.pid",
+        "SocksPort 0",
+        "TransPort %s:%d IsolateClientAddr IsolateDestAddr" % (own_ip, TOR_TRANS_PORT),
+        "DNSPort %s:%d IsolateClientAddr" % (own_ip, TOR_DNS_PORT),
+        "VirtualAddrNetworkIPv4 10.192.0.0/10",
+        "AutomapHostsOnResolve 1",
+        "ClientUseIPv6 0",
+    ]
+    if not online:
+        lines.append("DisableNetwork 1")
+    return "\n".join(lines) + "\n"
+
+
+def render_tor_ruleset(cfg):
+    """A Tor gateway: TCP into TransPort, DNS into DNSPort, everything else from a client
+    dropped (UDP, ICMP, IPv6: no leak; nothing is forwarded); only the gateway's own
+    traffic, Tor's, goes out."""
+    clients = cfg["clients"]
+    lines = ["flush ruleset", "table inet bulkhead {",
+             "  chain antispoof {", "    type filter hook prerouting priority raw; policy accept;"]
+    for vid, (ip, _mac) in sorted(clients.items()):
+        lines.append('    iifname "vif%d" ip saddr != %s drop' % (vid, ip))
+    lines += ['    iifname "vif*" meta nfproto ipv6 drop', "  }",
+              "  chain tor {", "    type nat hook prerouting priority dstnat; policy accept;",
+              '    iifname "vif*" udp dport 53 redirect to :%d' % TOR_DNS_PORT,
+              '    iifname "vif*" meta l4proto tcp redirect to :%d' % TOR_TRANS_PORT, "  }",
+              "  chain input {", "    type filter hook input priority filter; policy accept;",
+              '    iifname "vif*" tcp dport %d accept' % TOR_TRANS_PORT,
+              '    iifname "vif*" udp dport %d accept' % TOR_DNS_PORT,
+              '    iifname "vif*" drop', "  }",
+              "  chain forward {", "    type filter hook forward priority filter; policy drop;",
+              "  }"]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def apply_tor(cfg):
+    """Write the torrc, (re)start Tor, load the gateway's ruleset; -> problems."""
+    problems = []
+    status, err = run(["/usr/sbin/nft", "-f", "-"], render_tor_ruleset(cfg).encode())
+    if status != 0:
+        problems.append("nft refused the Tor gateway's ruleset, every client is blocked: " + err)
+        run(["/usr/sbin/nft", "-f", "-"], blocked_ruleset(cfg).encode())
+    os.makedirs("/run/tor", exist_ok=True)
+    os.makedirs("/var/log/tor", exist_ok=True)
+    for d in ("/run/tor", "/var/log/tor", "/var/lib/tor"):
+        try:
+            import pwd  # noqa: PLC0415
+            pw = pwd.getpwnam("debian-tor")
+            os.makedirs(d, exist_ok=True)
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+            os.chmod(d, 0o700 if d == "/var/lib/tor" else 0o755)
+        except (KeyError, OSError) as e:
+            problems.append("tor: %s: %s" % (d, e))
+    text = torrc(cfg["trunk"][1], cfg["tor"] == "online")
+    try:
+        with open("/etc/tor/torrc") as f:
+            same = f.read() == text
+    except OSError:
+        same = False
+    if not same:
+        write_file("/etc/tor/torrc", text)
+    pid = None
+    try:
+        with open("/run/tor/tor.pid") as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        pid = None
+    if pid is None:
+        status, err = run(["/usr/bin/tor", "-f", "/etc/tor/torrc"])
+        if status != 0:
+            problems.append("tor did not start: " + err)
+    elif not same:
+        os.kill(pid, 1)   # SIGHUP: Tor rereads its torrc
+    return problems
 
 
 def blocked_ruleset(cfg):
@@ -385,6 +482,10 @@ def apply(cfg, now):
                 run(["/sbin/ip", "addr", "flush", "dev", name])
                 run(["/sbin/ip", "route", "flush", "dev", name])
     cmds, upstream = ip_commands(cfg, ifaces)
+    if cfg["trunk"]:
+        # Before any link comes up: a netvm speaks no IPv6 (no router solicitations either).
+        sysctl("net.ipv6.conf.all.disable_ipv6", "1")
+        sysctl("net.ipv6.conf.default.disable_ipv6", "1")
     if cmds:
         status, err = run(["/sbin/ip", "-force", "-batch", "-"], ("\n".join(cmds) + "\n").encode())
         if status != 0:
@@ -396,9 +497,10 @@ def apply(cfg, now):
         write_file("/etc/resolv.conf", "".join("nameserver %s\n" % a for a in cfg["dns"]))
     if not cfg["trunk"]:
         return problems
-    sysctl("net.ipv4.ip_forward", "1")
+    sysctl("net.ipv4.ip_forward", "0" if cfg["tor"] else "1")
     sysctl("net.ipv4.conf.all.rp_filter", "1")
-    sysctl("net.ipv6.conf.all.disable_ipv6", "1")
+    if cfg["tor"]:
+        return problems + apply_tor(cfg)
     resolve = resolver()
     chains = {}
     sets = {}

@@ -71,7 +71,8 @@ def uplink_mac(qid: int) -> str:
 def config_text(*, link: tuple[str, str, str] | None = None, nolink: bool = False,
                 trunk: tuple[str, str] | None = None,
                 uplink: tuple[str, str, str] | None = None, dns: tuple[str, ...] = (),
-                clients: list[tuple[int, str, str, list[dict[str, str]] | None]] = ()) -> str:
+                clients: list[tuple[int, str, str, list[dict[str, str]] | None]] = (),
+                tor: str | None = None) -> str:
     """The lines :mod:`bulkhead.guest.netconf` reads.  ``clients``: (vid, ip, mac, rules);
     rules None: the client's rules are unusable, it is blocked."""
     from ..guest import fwrules
@@ -87,6 +88,8 @@ def config_text(*, link: tuple[str, str, str] | None = None, nolink: bool = Fals
         lines.append("uplink %s %s %s" % uplink)
     if dns:
         lines.append("dns " + " ".join(dns))
+    if tor:
+        lines.append(f"tor {tor}")
     for vid, ip, mac, rules in clients:
         lines.append(f"client {vid} {ip} {mac}")
         if rules is None:
@@ -405,8 +408,11 @@ class Network:
                 if netvm == vm.name and client is not None:
                     clients.append((addressing.vlan_id(int(client.qid)), str(client.visible_ip),
                                     str(client.mac), self.client_rules(client)))
+        tor = None
+        if trunk and vm.features.get("tor-gateway", ""):
+            tor = "offline" if vm.features.get("tor-disable-network", "") else "online"
         return config_text(link=link, nolink=link is None and vm.netvm is None, trunk=trunk,
-                           uplink=uplink, dns=dns, clients=clients)
+                           uplink=uplink, dns=dns, clients=clients, tor=tor)
 
     def schedule_push(self, vm: Any) -> None:
         asyncio.ensure_future(self.push(vm))

@@ -37,6 +37,7 @@ PACKAGES = [
     "passwd", "sudo",   # the user `user`, root through sudo as in Qubes
     "iproute2", "nftables",  # networking and firewall qubes
     "conntrack",        # a firewall qube flushes the connections its new rules forbid
+    "tor",              # sys-tor, the Tor gateway (in the role of Whonix-Gateway)
     "apt", "procps",
 ]
 DPKG_EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
