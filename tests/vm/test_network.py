@@ -234,49 +234,70 @@ def test_a_new_drop_rule_cuts_established_connections(bulkhead, online):
         bulkhead.tool("qvm-firewall", "work", "reset")
 
 
-def _packets_from_sys_net(bulkhead, online) -> int:
-    """Packets sys-net sent into the test internet (the tap's receive count there)."""
-    import json
+def _sniff_sys_net(bulkhead, online, log):
+    """Record what sys-net sends into the test internet (on its tap there)."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
     from bulkhead.network.uplink import tap_name
 
-    qid = int(bulkhead.app().domains["sys-net"].qid)
-    tap = tap_name(bulkhead.paths.run.name, qid)
-    out = online.ns("ip", "-s", "-j", "link", "show", "dev", tap).stdout
-    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
+    tap = tap_name(bulkhead.paths.run.name, int(bulkhead.app().domains["sys-net"].qid))
+    proc = subprocess.Popen(["ip", "netns", "exec", online.netns, sys.executable,
+                             str(Path(__file__).with_name("sniffer.py")), tap],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    online.procs.append(proc)
+    time.sleep(1)
+    return proc
 
 
-def test_sys_tor_lets_nothing_out_but_tor(bulkhead, online):
+def test_sys_tor_lets_nothing_out_but_tor(bulkhead, online, tmp_path):
     """A client of sys-tor: its TCP lands in Tor's TransPort, its DNS in Tor's DNSPort,
-    and not one packet of its own reaches the uplink (Tor runs with DisableNetwork here:
-    a test must not reach the real Tor network)."""
-    bulkhead.tool("qvm-features", "sys-tor", "tor-disable-network", "1")
+    and not one packet of its own reaches the uplink: all that sys-net sends into the
+    test internet is Tor's own attempts to reach its bridge.  (Tor is given a bridge
+    inside the test internet where nothing answers: a test must not reach the real
+    Tor network.)"""
+    bridge = f"{SERVER}:9001"
+    bulkhead.tool("qvm-features", "sys-tor", "tor-bridge", bridge)
     bulkhead.tool("qvm-prefs", "sys-tor", "netvm", "sys-net")
     bulkhead.tool("qvm-shutdown", "--wait", "untrusted", check=False)
     bulkhead.tool("qvm-prefs", "untrusted", "netvm", "sys-tor")
+    log = tmp_path / "sniffed"
     try:
         bulkhead.ensure_running("untrusted")
-        torrc = bulkhead.run("sys-tor", "cat /etc/tor/torrc", user="root").stdout
+        torrc = bulkhead.run("sys-tor", "cat /etc/tor/torrc", user="root").stdout.splitlines()
         tor_ip = bulkhead.app().domains["sys-tor"].ip
-        for line in (f"TransPort {tor_ip}:9040", f"DNSPort {tor_ip}:5300", "SocksPort 0",
-                     "AutomapHostsOnResolve 1", "User debian-tor", "DisableNetwork 1"):
-            assert line in torrc.splitlines() or any(l.startswith(line + " ")
-                                                     for l in torrc.splitlines()), line
+        for line in (f"TransPort {tor_ip}:9040 IsolateClientAddr IsolateDestAddr",
+                     f"DNSPort {tor_ip}:5300 IsolateClientAddr", "SocksPort 0",
+                     "AutomapHostsOnResolve 1", "User debian-tor", "UseBridges 1",
+                     f"Bridge {bridge}"):
+            assert line in torrc, line
         assert "tor" in bulkhead.run("sys-tor", "cat /proc/$(cat /run/tor/tor.pid)/comm",
                                      user="root").stdout
-        before = _packets_from_sys_net(bulkhead, online)
-        # TCP: accepted, by Tor (which cannot build a circuit: nothing comes back)
-        r = bulkhead.run("untrusted", f"busybox nc -z -w 3 {SERVER} 80 && echo open",
+        sniffer = _sniff_sys_net(bulkhead, online, log)
+        # TCP: accepted, by Tor (which has no circuit: nothing comes back)
+        r = bulkhead.run("untrusted", "python3 -c \"import socket; "
+                         f"socket.create_connection(('{SERVER}', 80), 3); print('open')\"",
                          check=False)
         assert "open" in r.stdout, "TCP did not reach Tor's TransPort"
         assert fetch(bulkhead, "untrusted") is None
-        # UDP, ICMP, DNS straight to a server, spoofed sources: all go nowhere
+        # UDP, ICMP, DNS to the virtual servers and straight to a server: nowhere
         bulkhead.run("untrusted", f"echo x | busybox nc -u -w 1 {SERVER} 9999; "
                                   f"ping -c 2 -W 1 {SERVER}; "
-                                  f"python3 -c \"import socket; socket.gethostbyname('cdn.test')\"",
+                                  f"echo x | busybox nc -u -w 1 {SERVER} 53; "
+                                  "python3 -c \"import socket; socket.gethostbyname('cdn.test')\"",
                      user="root", check=False)
+        # The control: a packet sys-net itself sends is seen, so the sniffer works.
+        bulkhead.run("sys-net", f"echo x | busybox nc -u -w 1 {SERVER} 9998", user="root",
+                     check=False)
         time.sleep(2)
-        assert _packets_from_sys_net(bulkhead, online) == before
+        sniffer.kill()
+        sent = [line.split() for line in log.read_text().splitlines()]
+        marker = ["udp", "192.0.2.2", SERVER, "9998"]
+        assert marker in sent, f"the sniffer did not see sys-net's own packet: {sent}"
+        others = [p for p in sent if p != marker
+                  and not (p[:2] == ["tcp", "192.0.2.2"] and p[2:] == [SERVER, "9001"])]
+        assert others == [], f"sys-net sent more than Tor's own traffic: {others}"
     finally:
         bulkhead.tool("qvm-kill", "untrusted", check=False)
         bulkhead.tool("qvm-prefs", "--default", "untrusted", "netvm")

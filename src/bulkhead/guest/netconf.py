@@ -20,9 +20,10 @@ The lines (each word checked, anything else refused)::
     client VID IP MAC            one client: vif<VID> on VLAN VID, its address and MAC
     rule VID RULE                its firewall rules, in order (Qubes' line format)
     norules VID                  a client whose rules dom0 could not give: blocked
-    tor online|offline           this netvm is a Tor gateway: every client's TCP goes into
+    tor online | tor bridge A:P  this netvm is a Tor gateway: every client's TCP goes into
                                  Tor's TransPort, its DNS into Tor's DNSPort, nothing else
-                                 passes; ``offline``: Tor's DisableNetwork (tests)
+                                 passes; ``bridge``: Tor reaches the network only through
+                                 the bridge A:P (a censored user's setting, and the tests')
 
 The firewall (nftables, one table ``inet bulkhead``): per client, anti-spoofing
 (only its own address may come in on its vif), no client-to-client traffic,
@@ -110,8 +111,13 @@ def parse_config(text):
                     cfg["rules"].setdefault(vid, []).append(fwrules.parse_rule(rule_text))
                 except fwrules.RuleError as e:
                     cfg["blocked"][vid] = "rule %d: %s" % (len(cfg["rules"].get(vid, [])) + 1, e)
-            elif word == "tor" and len(args) == 1 and args[0] in ("online", "offline"):
-                cfg["tor"] = args[0]
+            elif word == "tor" and args == ["online"]:
+                cfg["tor"] = "online"
+            elif word == "tor" and len(args) == 2 and args[0] == "bridge":
+                host, _, port = args[1].partition(":")
+                if not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ConfigError("tor bridge: %r is not ADDRESS:PORT" % args[1][:30])
+                cfg["tor"] = "%s:%d" % (_ip(host, "tor bridge"), int(port))
             elif word == "norules" and len(args) == 1:
                 cfg["blocked"][_vid(args[0])] = "dom0 gave no usable rules"
             else:
@@ -246,7 +252,7 @@ TOR_TRANS_PORT = 9040
 TOR_DNS_PORT = 5300
 
 
-def torrc(own_ip, online):
+def torrc(own_ip, bridge=None):
     """The Tor gateway's torrc: what a Tor user expects of a transparent gateway."""
     lines = [
         "# Written by Bulkhead: sys-tor, a Tor gateway in the role of Whonix-Gateway.",
@@ -264,8 +270,8 @@ def torrc(own_ip, online):
         "AutomapHostsOnResolve 1",
         "ClientUseIPv6 0",
     ]
-    if not online:
-        lines.append("DisableNetwork 1")
+    if bridge:
+        lines += ["UseBridges 1", "Bridge %s" % bridge]
     return "\n".join(lines) + "\n"
 
 
@@ -310,7 +316,7 @@ def apply_tor(cfg):
             os.chmod(d, 0o700 if d == "/var/lib/tor" else 0o755)
         except (KeyError, OSError) as e:
             problems.append("tor: %s: %s" % (d, e))
-    text = torrc(cfg["trunk"][1], cfg["tor"] == "online")
+    text = torrc(cfg["trunk"][1], None if cfg["tor"] == "online" else cfg["tor"])
     try:
         with open("/etc/tor/torrc") as f:
             same = f.read() == text
@@ -441,7 +447,10 @@ def ip_commands(cfg, ifaces):
     if trunk:
         mac, own_ip = trunk
         dev = by_mac(ifaces, mac, "trunk")
-        cmds.append("link set %s mtu %d up" % (dev, TRUNK_MTU))
+        # Its own address on the trunk too: what it serves (Tor's ports, the DNS forwarder)
+        # can bind to it before the first client's vif exists.
+        cmds += ["link set %s mtu %d up" % (dev, TRUNK_MTU),
+                 "addr replace %s/32 dev %s" % (own_ip, dev)]
         existing = {int(n[3:]) for n in ifaces if n.startswith("vif") and n[3:].isdigit()}
         for vid in sorted(existing - set(cfg["clients"])):
             cmds.append("link del vif%d" % vid)

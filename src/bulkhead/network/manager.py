@@ -410,7 +410,8 @@ class Network:
                                     str(client.mac), self.client_rules(client)))
         tor = None
         if trunk and vm.features.get("tor-gateway", ""):
-            tor = "offline" if vm.features.get("tor-disable-network", "") else "online"
+            bridge = str(vm.features.get("tor-bridge", ""))
+            tor = f"bridge {bridge}" if bridge else "online"
         return config_text(link=link, nolink=link is None and vm.netvm is None, trunk=trunk,
                            uplink=uplink, dns=dns, clients=clients, tor=tor)
 
