@@ -234,6 +234,10 @@ def test_a_new_drop_rule_cuts_established_connections(bulkhead, online):
         bulkhead.tool("qvm-firewall", "work", "reset")
 
 
+UDP_SEND = ("import socket, sys; "
+            "socket.socket(2, 2).sendto(b'x', (sys.argv[1], int(sys.argv[2])))")
+
+
 def _sniff_sys_net(bulkhead, online, log):
     """Record what sys-net sends into the test internet (on its tap there)."""
     import subprocess
@@ -282,14 +286,13 @@ def test_sys_tor_lets_nothing_out_but_tor(bulkhead, online, tmp_path):
         assert "open" in r.stdout, "TCP did not reach Tor's TransPort"
         assert fetch(bulkhead, "untrusted") is None
         # UDP, ICMP, DNS to the virtual servers and straight to a server: nowhere
-        bulkhead.run("untrusted", f"echo x | busybox nc -u -w 1 {SERVER} 9999; "
+        bulkhead.run("untrusted", f"python3 -c \"{UDP_SEND}\" {SERVER} 9999; "
                                   f"ping -c 2 -W 1 {SERVER}; "
-                                  f"echo x | busybox nc -u -w 1 {SERVER} 53; "
+                                  f"python3 -c \"{UDP_SEND}\" {SERVER} 53; "
                                   "python3 -c \"import socket; socket.gethostbyname('cdn.test')\"",
                      user="root", check=False)
         # The control: a packet sys-net itself sends is seen, so the sniffer works.
-        bulkhead.run("sys-net", f"echo x | busybox nc -u -w 1 {SERVER} 9998", user="root",
-                     check=False)
+        bulkhead.run("sys-net", f"python3 -c \"{UDP_SEND}\" {SERVER} 9998", user="root")
         time.sleep(2)
         sniffer.kill()
         sent = [line.split() for line in log.read_text().splitlines()]
