@@ -353,3 +353,20 @@ def test_tor_gateway_ruleset_and_torrc():
     assert "Bridge" not in netconf.torrc("10.137.0.9")
     with pytest.raises(netconf.ConfigError, match="ADDRESS:PORT"):
         netconf.parse_config("tor bridge 192.0.2.1\n")
+
+
+def test_agent_takes_network_configuration_from_dom0_only():
+    """A qube calling bulkhead.NetConfig in a netvm through qrexec arrives with its own
+    name as the source: refused, before anything runs."""
+    from bulkhead.guest import agent as agent_mod
+    from bulkhead.guest import protocol as P
+
+    agent = agent_mod.Agent("/nonexistent")
+    started = []
+    agent.start_call = lambda *a, **kw: started.append(a)
+    agent.service_request(5, b"root\0bulkhead.NetConfig\0work")
+    assert not started
+    assert P.pack(P.EXIT, 5, P.i32(127)) in bytes(agent.out)
+    assert b"dom0's alone" in bytes(agent.out)
+    agent.service_request(6, b"root\0bulkhead.NetConfig\0dom0")
+    assert started and started[0][1] == "root"
