@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -337,20 +336,22 @@ def test_hostname_rules_get_a_set_the_forwarder_fills():
 
 
 def test_tor_gateway_ruleset_and_torrc():
+    from bulkhead.guest import torgw
+
     cfg = netconf.parse_config(manager.config_text(
         trunk=("fe:ff:ff:ff:ff:ff", "10.137.0.9"), tor="bridge 192.0.2.1:9001",
         clients=[(5, "10.137.0.5", "00:16:3e:5e:6c:05", [{"action": "accept"}])]))
     assert cfg["tor"] == "192.0.2.1:9001"
-    text = netconf.render_tor_ruleset(cfg)
+    text = torgw.render_tor_ruleset(cfg)
     assert 'iifname "vif*" meta l4proto tcp redirect to :9040' in text
     assert 'iifname "vif*" udp dport 53 redirect to :5300' in text
     forward = text.split("chain forward {")[1].split("}")[0]
     assert "policy drop" in forward and "accept" not in forward   # nothing is forwarded
-    rc = netconf.torrc("10.137.0.9", "192.0.2.1:9001").splitlines()
+    rc = torgw.torrc("10.137.0.9", "192.0.2.1:9001").splitlines()
     assert "TransPort 10.137.0.9:9040 IsolateClientAddr IsolateDestAddr" in rc
     assert "DNSPort 10.137.0.9:5300 IsolateClientAddr" in rc
     assert "UseBridges 1" in rc and "Bridge 192.0.2.1:9001" in rc
-    assert "Bridge" not in netconf.torrc("10.137.0.9")
+    assert "Bridge" not in torgw.torrc("10.137.0.9")
     with pytest.raises(netconf.ConfigError, match="ADDRESS:PORT"):
         netconf.parse_config("tor bridge 192.0.2.1\n")
 

@@ -72,6 +72,10 @@ def test_vault_has_only_lo(bulkhead, online):
     assert "eth" not in bulkhead.run("vault", "ip -o addr; ip route", check=False).stdout
     assert not bulkhead.run("vault", "ls /sys/class/net/*/device 2>/dev/null",
                             check=False).stdout.strip()
+    # A running qube that started without a network device cannot be given one live.
+    r = bulkhead.tool("qvm-prefs", "vault", "netvm", "sys-firewall", check=False)
+    assert r.returncode != 0 and "restart" in r.stderr.lower() or "start it again" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_dom0_and_every_qemu_see_only_lo(bulkhead, online):

@@ -70,6 +70,7 @@ GUEST_FILES = [
     ("guest/fwrules.py", "usr/lib/bulkhead/bulkhead_guest/fwrules.py", 0o644),
     ("guest/netconf.py", "usr/lib/bulkhead/bulkhead_guest/netconf.py", 0o644),
     ("guest/dnsproxy.py", "usr/lib/bulkhead/bulkhead_guest/dnsproxy.py", 0o644),
+    ("guest/torgw.py", "usr/lib/bulkhead/bulkhead_guest/torgw.py", 0o644),
     ("guest/openinvm.py", "usr/lib/bulkhead/bulkhead_guest/openinvm.py", 0o644),
     ("guest/files/qubes.OpenInVM", "etc/qubes-rpc/qubes.OpenInVM", 0o755),
     ("guest/files/qopen-in-vm", "usr/lib/bulkhead/qopen-in-vm", 0o755),
