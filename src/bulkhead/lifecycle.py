@@ -529,6 +529,7 @@ class QemuLifecycle:
         # The agent says HELLO again when it sees dom0 reconnect; don't hold the daemon's start.
         self.links[vm.name] = AgentLink(vm.name, str(machine.agent_socket),
                                         on_call=self._on_call)
+        await self.network.adopt(vm)   # networking: its relay and links, kept running
         return True
 
 

@@ -3,9 +3,11 @@ format, the netvm's configuration lines and the nftables they become."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,25 +54,42 @@ def test_frames_from_the_netvm_without_a_usable_tag_are_dropped():
     assert frames.tag(b"short", 1) is None and frames.untag(b"short") is None
 
 
-def test_relay_process_keeps_clients_apart():
+def _control(path) -> socket.socket:
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for _ in range(100):
+        try:
+            c.connect(str(path))
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.05)
+    c.settimeout(10)
+    assert c.recv(64) == b"ready"
+    return c
+
+
+def test_relay_process_keeps_clients_apart(tmp_path):
     """The real relay process: a client's frame reaches the trunk tagged; a frame tagged
-    for client 2 reaches client 2 only; untagged and unknown ones reach nobody."""
-    control, control_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for client 2 reaches client 2 only; untagged and unknown ones reach nobody; a second
+    control connection (a restarted daemon) takes over and gets the links back."""
+    import array
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(tmp_path / "relay.sock"))
+    listener.listen(2)
     trunk, trunk_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     proc = subprocess.Popen([sys.executable, "-m", "bulkhead.network.relay",
-                             str(control_relay.fileno()), str(trunk_relay.fileno())],
-                            pass_fds=[control_relay.fileno(), trunk_relay.fileno()])
-    control_relay.close()
+                             str(listener.fileno()), str(trunk_relay.fileno())],
+                            pass_fds=[listener.fileno(), trunk_relay.fileno()])
+    listener.close()
     trunk_relay.close()
     try:
-        control.settimeout(10)
-        assert control.recv(64) == b"ready"
+        control = _control(tmp_path / "relay.sock")
         clients = {}
         for vid in (1, 2):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             control.sendmsg([f"add {vid}".encode()],
-                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                             __import__("array").array("i", [theirs.fileno()]))])
+                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              array.array("i", [theirs.fileno()]))])
             assert control.recv(64) == b"ok"
             theirs.close()
             ours.settimeout(0.5)
@@ -92,14 +111,55 @@ def test_relay_process_keeps_clients_apart():
         trunk.settimeout(0.5)
         with pytest.raises(socket.timeout):
             trunk.recv(70000)
+        # the daemon goes; a new one connects, lists and takes the links back
+        control.close()
+        clients[1].send(frame)                                   # still relayed meanwhile
+        trunk.settimeout(2)
+        assert trunk.recv(70000) == frames.tag(frame, 1)
+        control = _control(tmp_path / "relay.sock")
+        control.send(b"list")
+        assert control.recv(64) == b"ok 1 2"
+        control.send(b"take 2")
+        reply, anc, _f, _a = control.recvmsg(64, socket.CMSG_SPACE(4))
+        assert reply == b"ok" and anc
         control.send(b"del 2")
         assert control.recv(64) == b"ok"
         trunk.send(frames.tag(back, 2))
         with pytest.raises(socket.timeout):
             clients[2].recv(70000)
+        control.send(b"quit")
+        assert proc.wait(10) == 0
     finally:
-        control.close()
+        proc.kill()
         proc.wait(10)
+
+
+def test_relay_exits_with_the_qemu_it_watches(tmp_path):
+    import array
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(tmp_path / "relay.sock"))
+    listener.listen(2)
+    trunk, trunk_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    proc = subprocess.Popen([sys.executable, "-m", "bulkhead.network.relay",
+                             str(listener.fileno()), str(trunk_relay.fileno())],
+                            pass_fds=[listener.fileno(), trunk_relay.fileno()])
+    listener.close()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        control = _control(tmp_path / "relay.sock")
+        pidfd = os.pidfd_open(sleeper.pid)
+        control.sendmsg([b"watch"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [pidfd]))])
+        assert control.recv(64) == b"ok"
+        os.close(pidfd)
+        assert proc.poll() is None
+        sleeper.kill()
+        sleeper.wait()
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        sleeper.kill()
 
 
 # --- firewall rules -----------------------------------------------------------------------

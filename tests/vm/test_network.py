@@ -312,3 +312,23 @@ def test_sys_tor_lets_nothing_out_but_tor(bulkhead, online, tmp_path):
     finally:
         bulkhead.tool("qvm-kill", "untrusted", check=False)
         bulkhead.tool("qvm-prefs", "--default", "untrusted", "netvm")
+
+
+def test_links_survive_a_daemon_restart(bulkhead, online):
+    """The relays outlive a daemon killed at any moment; the next daemon takes them over
+    with the qubes: the links keep working, and a firewall change still applies."""
+    import signal
+
+    assert fetch(bulkhead, "work") == PAGE.decode()
+    bulkhead.kill_daemon(signal.SIGKILL)
+    bulkhead.start_daemon()
+    assert fetch(bulkhead, "work") == PAGE.decode()
+    bulkhead.tool("qvm-firewall", "work", "add", "--before", "0", "drop", f"dsthost={SERVER}")
+    try:
+        assert fetch(bulkhead, "work") is None
+        assert fetch(bulkhead, "personal") == PAGE.decode()
+    finally:
+        bulkhead.tool("qvm-firewall", "work", "reset")
+    assert fetch(bulkhead, "work") == PAGE.decode()
+    assert "adopted its link" in bulkhead.daemon_log()
+

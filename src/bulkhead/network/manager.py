@@ -105,7 +105,11 @@ def _printable(text: str, limit: int = 600) -> str:
 
 # --- the relay process of one netvm ---------------------------------------------------------
 class RelayProcess:
-    def __init__(self, netvm: str, proc: asyncio.subprocess.Process, control: socket.socket) -> None:
+    """dom0's handle on one netvm's relay: its control connection (and its process, if
+    this daemon started it; a relay adopted from an earlier daemon has none here)."""
+
+    def __init__(self, netvm: str, proc: asyncio.subprocess.Process | None,
+                 control: socket.socket) -> None:
         self.netvm = netvm
         self.proc = proc
         self.control = control
@@ -113,9 +117,17 @@ class RelayProcess:
 
     @classmethod
     async def start(cls, netvm: str, trunk: socket.socket, uid: int | None,
-                    log_path: Any) -> "RelayProcess":
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fds = [theirs.fileno(), trunk.fileno()]
+                    log_path: Any, listen_path: Any) -> "RelayProcess":
+        listen_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        listen_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)
+        try:
+            listener.bind(str(listen_path))
+        finally:
+            os.umask(old)
+        listener.listen(2)
+        fds = [listener.fileno(), trunk.fileno()]
         argv = [sys.executable, "-m", "bulkhead.network.relay", *map(str, fds)]
         if uid is not None:
             argv = relay_jail(uid) + argv
@@ -124,32 +136,68 @@ class RelayProcess:
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as err:
+            # Its own session: the relay outlives a daemon that stops or dies, so the
+            # links keep working and the next daemon takes it over (:meth:`connect`).
             proc = await asyncio.create_subprocess_exec(
                 *argv, pass_fds=fds, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err)
-        theirs.close()
+                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        listener.close()
         trunk.close()
-        ours.setblocking(False)
-        relay = cls(netvm, proc, ours)
         try:
-            said = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(ours, 64), 20)
-        except (asyncio.TimeoutError, OSError):
-            said = b""
-        if said != b"ready":
-            await relay.stop()
-            raise QubesException(f"the network relay of {netvm!r} did not start; see {log_path}")
+            relay = await cls.connect(netvm, listen_path)
+        except QubesException:
+            proc.kill()
+            await proc.wait()
+            raise QubesException(f"the network relay of {netvm!r} did not start; "
+                                 f"see {log_path}") from None
+        relay.proc = proc
         return relay
 
-    async def _ask(self, msg: bytes, fd: int | None = None) -> None:
+    @classmethod
+    async def connect(cls, netvm: str, listen_path: Any) -> "RelayProcess":
+        """Take over the control of a running relay (a new daemon adopting it)."""
+        loop = asyncio.get_running_loop()
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        control.setblocking(False)
+        deadline = loop.time() + 20
+        while True:
+            try:
+                await loop.sock_connect(control, str(listen_path))
+                said = await asyncio.wait_for(loop.sock_recv(control, 64),
+                                              max(0.1, deadline - loop.time()))
+                break
+            except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError) as e:
+                if loop.time() > deadline or isinstance(e, asyncio.TimeoutError):
+                    control.close()
+                    raise QubesException(f"no network relay of {netvm!r} answers") from None
+                await asyncio.sleep(0.05)
+        if said != b"ready":
+            control.close()
+            raise QubesException(f"the network relay of {netvm!r} said {said[:40]!r}")
+        return cls(netvm, None, control)
+
+    async def _ask(self, msg: bytes, fd: int | None = None) -> tuple[bytes, list[int]]:
+        loop = asyncio.get_running_loop()
         async with self.lock:
             anc = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                           array.array("i", [fd]))]
             self.control.sendmsg([msg], anc)
-            reply = await asyncio.wait_for(
-                asyncio.get_running_loop().sock_recv(self.control, 128), 10)
-        if reply != b"ok":
+            ready = loop.create_future()
+            loop.add_reader(self.control.fileno(), lambda: ready.done() or ready.set_result(None))
+            try:
+                await asyncio.wait_for(ready, 10)
+            finally:
+                loop.remove_reader(self.control.fileno())
+            reply, anc_in, _f, _a = self.control.recvmsg(256, socket.CMSG_SPACE(4))
+        fds = [f for level, kind, data in anc_in
+               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+               for f in array.array("i", data[:len(data) - len(data) % 4])]
+        if not reply.startswith(b"ok"):
+            for f in fds:
+                os.close(f)
             raise QubesException(f"the network relay of {self.netvm!r} refused "
                                  f"{msg.decode()!r}: {reply.decode(errors='replace')!r}")
+        return reply, fds
 
     async def add(self, vid: int, sock: socket.socket) -> None:
         await self._ask(f"add {vid}".encode(), sock.fileno())
@@ -157,20 +205,41 @@ class RelayProcess:
     async def remove(self, vid: int) -> None:
         await self._ask(f"del {vid}".encode())
 
-    async def stop(self) -> None:
-        self.control.close()
+    async def take(self, vid: int) -> socket.socket | None:
+        """A copy of client ``vid``'s link, held by the relay (None if it has none)."""
         try:
-            await asyncio.wait_for(self.proc.wait(), 5)
-        except asyncio.TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+            _reply, fds = await self._ask(f"take {vid}".encode())
+        except QubesException:
+            return None
+        return socket.socket(fileno=fds[0]) if fds else None
+
+    async def watch(self, pid: int) -> None:
+        """The relay exits by itself when the netvm's QEMU (``pid``) does."""
+        pidfd = os.pidfd_open(pid)
+        try:
+            await self._ask(b"watch", pidfd)
+        finally:
+            os.close(pidfd)
+
+    async def stop(self) -> None:
+        try:
+            self.control.send(b"quit")
+        except OSError:
+            pass
+        self.control.close()
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
 
 
 def relay_jail(uid: int) -> list[str]:
     """bubblewrap + setpriv for a relay: its own uid, no capabilities, an empty network
     namespace of its own (it only uses the descriptors it is given), read-only Python."""
     argv = [jail.BWRAP, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
-            "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+            "--unshare-cgroup-try", "--new-session",
             "--ro-bind", "/usr", "/usr"]
     for link, target in jail.USR_LINKS.items():
         argv += ["--symlink", target, link]
@@ -211,6 +280,7 @@ class Network:
         #: the last problem a netvm reported for each client (tests and `why`)
         self.last_error: dict[str, str] = {}
         self._jail_uid: int | None | bool = False
+        self._adopted: set[str] = set()
         app.add_observer(self._observe)
 
     # --- a qube's start ------------------------------------------------------------
@@ -243,7 +313,8 @@ class Network:
                 nics.append(NicSpec("trunk", addressing.GATEWAY_MAC, qemu_fds[-1]))
                 self.relays[name] = await RelayProcess.start(
                     name, relay_end, self._relay_uid(),
-                    self.paths.log_dir / "network" / f"relay-{name}.log")
+                    self.paths.log_dir / "network" / f"relay-{name}.log",
+                    self._relay_path(name))
                 if vm.netvm is None:
                     nic = await self._uplink(vm)
                     if nic is not None:
@@ -254,6 +325,9 @@ class Network:
             self.stopped_sync(name)
             raise
         return tuple(nics)
+
+    def _relay_path(self, netvm: str) -> Any:
+        return self.paths.qube_run_dir(netvm) / "relay.sock"
 
     def _features(self, vm: Any) -> dict[str, str]:
         return {k: str(vm.features[k]) for k in ("uplink", "uplink-address", "uplink-gateway",
@@ -290,6 +364,10 @@ class Network:
     async def started(self, vm: Any) -> None:
         """The qube's agent answers: configure it, join it to its netvm, serve its clients."""
         try:
+            relay = self.relays.get(vm.name)
+            machine = self.app.lifecycle.machines.get(vm.name)
+            if relay is not None and machine is not None and machine.pid:
+                await relay.watch(machine.pid)
             if vm.provides_network:
                 await self.push(vm)
                 for client in list(self.app.domains):
@@ -320,6 +398,32 @@ class Network:
             except (QubesException, OSError, asyncio.TimeoutError) as e:
                 log.warning("qube %s: the relay of %s: %s", name, netvm_name, e)
         return netvm_name
+
+    # --- a new daemon, qubes already running -------------------------------------------
+    async def adopt(self, vm: Any) -> None:
+        """A running qube left by an earlier daemon: take its relay (if it is a netvm)
+        and its link (from its netvm's relay) back, so that moves, firewall changes
+        and stops work as if this daemon had started it."""
+        try:
+            if vm.provides_network and self._relay_path(vm.name).exists():
+                self.relays[vm.name] = await RelayProcess.connect(
+                    vm.name, self._relay_path(vm.name))
+                for client in list(self.app.domains):
+                    if getattr(client, "netvm", None) is vm and client.name in self._adopted:
+                        await self._take_link(client, vm)
+            self._adopted.add(vm.name)
+            netvm = getattr(vm, "netvm", None)
+            if netvm is not None and netvm.name in self.relays:
+                await self._take_link(vm, netvm)
+        except (QubesException, OSError) as e:
+            log.warning("qube %s: its network links could not be adopted: %s", vm.name, e)
+
+    async def _take_link(self, client: Any, netvm: Any) -> None:
+        sock = await self.relays[netvm.name].take(addressing.vlan_id(int(client.qid)))
+        if sock is not None:
+            self.links[client.name] = sock
+            self.attached[client.name] = netvm.name
+            log.info("qube %s: adopted its link on %s", client.name, netvm.name)
 
     # --- a qube's stop ----------------------------------------------------------------
     def stopped_sync(self, name: str) -> None:

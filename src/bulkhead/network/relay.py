@@ -13,18 +13,27 @@ Every link is an AF_UNIX datagram socket pair (one frame a datagram); the
 other end is a QEMU's ``-netdev dgram`` with ``local.type=fd``.  The daemon
 hands the relay each client's end over its control socket (SCM_RIGHTS) when
 the client starts or moves to this netvm, and takes it away when it stops or
-moves on.  Control messages (from the daemon only)::
+moves on.  The control socket is a listening one dom0 made (root's, in a
+root-only directory), so a daemon that restarts connects again and takes
+over: the relay outlives the daemon, and the links keep working.  Control
+messages (from the daemon only; ``ready`` greets each new connection)::
 
     add VID   + one descriptor      ->  "ok"
     del VID                         ->  "ok"
+    take VID                        ->  "ok" + a copy of the client's descriptor
+                                        (for a new daemon that adopts the qubes)
+    list                            ->  "ok VID VID ..."
+    watch     + a pidfd             ->  "ok": exit when that process (the netvm's
+                                        QEMU) exits
+    quit                            ->  the relay exits
 
 Sends never block: a peer that does not read (a stalled QEMU) loses frames,
 as a full NIC would, and cannot stall the other clients.  The relay runs
 jailed (its own uid, no capabilities, no network namespace of its own but an
 empty one, see :mod:`.manager`) and exits when the daemon closes the control
-socket.
+socket listens no more (its netvm's QEMU gone, or ``quit``).
 
-Run as ``python -m bulkhead.network.relay CONTROL_FD TRUNK_FD``.
+Run as ``python -m bulkhead.network.relay LISTEN_FD TRUNK_FD``.
 """
 
 from __future__ import annotations
@@ -51,19 +60,35 @@ def _tune(sock: socket.socket) -> None:
 
 
 class Relay:
-    def __init__(self, control: socket.socket, trunk: socket.socket) -> None:
-        self.control = control
+    def __init__(self, listener: socket.socket, trunk: socket.socket) -> None:
+        self.listener = listener
+        self.control: socket.socket | None = None
         self.trunk = trunk
         _tune(trunk)
         self.clients: dict[int, socket.socket] = {}
         self.by_fd: dict[int, int] = {}
         self.poll = select.epoll()
-        self.poll.register(control.fileno(), select.EPOLLIN)
+        self.poll.register(listener.fileno(), select.EPOLLIN)
         self.poll.register(trunk.fileno(), select.EPOLLIN)
+        self.watched: int | None = None
         self.dropped = 0
 
+    def accept(self) -> None:
+        """A (new) daemon connects: it replaces the previous control connection."""
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        if self.control is not None:
+            self.poll.unregister(self.control.fileno())
+            self.control.close()
+        self.control = conn
+        self.poll.register(conn.fileno(), select.EPOLLIN)
+        conn.send(b"ready")
+
     def command(self) -> bool:
-        """One control message; False when the daemon has gone."""
+        """One control message; False when the relay must exit."""
+        assert self.control is not None
         fds = array.array("i")
         try:
             msg, ancdata, _flags, _addr = self.control.recvmsg(
@@ -74,12 +99,30 @@ class Relay:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[:len(data) - (len(data) % fds.itemsize)])
         if not msg:
+            # The daemon went (or restarts): keep relaying, wait for the next one.
             for fd in fds:
                 os.close(fd)
-            return False
+            self.poll.unregister(self.control.fileno())
+            self.control.close()
+            self.control = None
+            return True
         words = msg.decode("ascii", "replace").split()
         reply = b"ok"
-        if len(words) == 2 and words[0] in ("add", "del") and words[1].isdigit() \
+        give: list[int] = []
+        if words == ["quit"]:
+            return False
+        if words == ["list"]:
+            reply = b" ".join([b"ok"] + [str(v).encode() for v in sorted(self.clients)])
+        elif words == ["watch"] and len(fds) == 1:
+            if self.watched is not None:
+                self.poll.unregister(self.watched)
+                os.close(self.watched)
+            self.watched = fds.pop()
+            self.poll.register(self.watched, select.EPOLLIN)
+        elif len(words) == 2 and words[0] == "take" and words[1].isdigit() \
+                and int(words[1]) in self.clients:
+            give = [self.clients[int(words[1])].fileno()]
+        elif len(words) == 2 and words[0] in ("add", "del") and words[1].isdigit() \
                 and 0 < int(words[1]) < 4095:
             vid = int(words[1])
             self.remove(vid)
@@ -96,7 +139,11 @@ class Relay:
             reply = b"error: unknown command"
         for fd in fds:
             os.close(fd)
-        self.control.send(reply)
+        if give:
+            self.control.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                            array.array("i", give))])
+        else:
+            self.control.send(reply)
         return True
 
     def remove(self, vid: int) -> None:
@@ -147,12 +194,15 @@ class Relay:
                 self.dropped += 1
 
     def run(self) -> int:
-        self.control.send(b"ready")
         while True:
             for fd, _events in self.poll.poll():
-                if fd == self.control.fileno():
+                if fd == self.listener.fileno():
+                    self.accept()
+                elif self.control is not None and fd == self.control.fileno():
                     if not self.command():
                         return 0
+                elif fd == self.watched:
+                    return 0   # the netvm's QEMU is gone: nothing left to relay
                 elif fd == self.trunk.fileno():
                     self.from_trunk()
                 else:
@@ -163,11 +213,11 @@ class Relay:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or not all(a.isdigit() for a in argv):
-        sys.stderr.write("usage: python -m bulkhead.network.relay CONTROL_FD TRUNK_FD\n")
+        sys.stderr.write("usage: python -m bulkhead.network.relay LISTEN_FD TRUNK_FD\n")
         return 2
-    control = socket.socket(fileno=int(argv[0]))
+    listener = socket.socket(fileno=int(argv[0]))
     trunk = socket.socket(fileno=int(argv[1]))
-    return Relay(control, trunk).run()
+    return Relay(listener, trunk).run()
 
 
 if __name__ == "__main__":
