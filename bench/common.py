@@ -34,9 +34,12 @@ class BenchInstance:
         self.env = dict(os.environ, BULKHEAD_HOME=str(self.home),
                         BULKHEAD_SOCKET=str(self.home / "qubesd.sock"),
                         BULKHEAD_CACHE=os.environ.get("BULKHEAD_CACHE", "/var/cache/bulkhead"),
-                        PATH=f"{BIN}:{os.environ.get('PATH', '')}", **(env or {}))
+                        PATH=f"{BIN}:{os.environ.get('PATH', '')}", BULKHEAD_NO_PASST="1",
+                        **(env or {}))
         self.paths = Paths.from_env(self.env)
-        argv = [str(BIN / "bulkhead"), "setup", "--no-install"]
+        # Never the host's network from a benchmark: sys-net has no uplink unless one
+        # is given (a bridge into a namespace the benchmark made).
+        argv = [str(BIN / "bulkhead"), "setup", "--no-install", "--uplink", "none"]
         if not default_qubes:
             argv.append("--no-default-qubes")
         r = subprocess.run(argv, env=self.env, capture_output=True, text=True)

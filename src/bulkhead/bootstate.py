@@ -53,6 +53,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,16 +129,39 @@ def _sha256(path: Path) -> str:
 
 
 def builder_spec(spec: MachineSpec, key: str, root: Path, private: Path,
-                 volatile: Path) -> MachineSpec:
+                 volatile: Path, nic_fds: list[int]) -> MachineSpec:
     """The machine whose boot is saved: the qube's shape under a neutral name and qid,
-    on the state's frozen root and two placeholder disks."""
+    on the state's frozen root and two placeholder disks, its network devices on
+    sockets that lead nowhere."""
     disks = (DiskSpec("root", root), DiskSpec("private", private), DiskSpec("volatile", volatile))
+    more = {"nics": neutral_nics(spec, nic_fds)} if hasattr(spec, "nics") else {}
     return dataclasses.replace(spec, name=f"boot-state-{key[:12]}", qid=BUILDER_QID,
-                               disks=disks, extra=saved_extra(spec))
+                               disks=disks, extra=saved_extra(spec), **more)
 
 
 #: what of a qube's ``extra`` its saved boot shares (the rest is per qube, given after)
 SHARED_EXTRA = ("gui",)
+
+
+def neutral_mac(i: int) -> str:
+    """The MAC of network device ``i`` in a saved boot (locally administered): each
+    restored qube's agent changes it to the qube's own before its network is set up."""
+    return f"02:b4:00:00:00:{i + 1:02x}"
+
+
+def neutral_nics(spec: MachineSpec, fds: list[int] | None = None) -> tuple[Any, ...]:
+    """The qube's network devices as its saved boot has them: the same kinds in the same
+    order, neutral MACs, and (for the fingerprint) fixed descriptor numbers."""
+    nics = getattr(spec, "nics", ())
+    return tuple(dataclasses.replace(n, mac=neutral_mac(i),
+                                     fd=fds[i] if fds is not None else 100 + i)
+                 for i, n in enumerate(nics))
+
+
+def restorable_nics(spec: MachineSpec) -> bool:
+    """Only links through dom0's relay (datagram sockets) can be given after a restore:
+    a tap or passt uplink is its own device, a netvm with one boots cold."""
+    return all(getattr(n, "kind", "dgram") == "dgram" for n in getattr(spec, "nics", ()))
 
 
 def saved_extra(spec: MachineSpec) -> dict[str, str]:
@@ -157,8 +181,9 @@ def device_fingerprint(spec: MachineSpec, accel: Any) -> str:
     """QEMU's command line for this shape of machine, with every per-qube path and
     name made neutral: two machines whose fingerprints match can load each other's
     state (same memory, vCPUs, devices, kernel and kernel command line)."""
+    more = {"nics": neutral_nics(spec)} if hasattr(spec, "nics") else {}
     neutral = dataclasses.replace(
-        spec, name="qube", qid=1, kernel=Path("/kernel") if spec.kernel else None,
+        spec, name="qube", qid=1, kernel=Path("/kernel") if spec.kernel else None, **more,
         disks=tuple(DiskSpec(d.name, Path(f"/{d.name}"), d.fmt, d.readonly) for d in spec.disks),
         extra=saved_extra(spec))
     from .backend.qemu import SOCKETS
@@ -330,8 +355,15 @@ class BootStates:
             await qemu_img.create(root, None, backing=root_image.absolute())
             await qemu_img.create(private, PLACEHOLDER_BYTES)
             await qemu_img.create(volatile, PLACEHOLDER_BYTES)
-            bspec = builder_spec(spec, key, root, private, volatile)
-            machine = await backend.start(bspec, lambda _n, _r: None)
+            nowhere = [socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                       for _ in getattr(spec, "nics", ())]
+            try:
+                bspec = builder_spec(spec, key, root, private, volatile,
+                                     [s.fileno() for s in nowhere])
+                machine = await backend.start(bspec, lambda _n, _r: None)
+            finally:
+                for s in nowhere:
+                    s.close()
             from .agentlink import AgentLink
             link = AgentLink(bspec.name, str(machine.agent_socket))
             await link.ensure_ready(BUILD_TIMEOUT)
@@ -410,7 +442,7 @@ class BootStates:
         return out
 
     async def restore(self, vm: Any, machine: Any, link: "AgentLink", st: SavedState,
-                      resize_private: bool, timeout: float) -> None:
+                      spec: MachineSpec, resize_private: bool, timeout: float) -> None:
         """Load ``st`` into the just-launched ``machine`` and make it qube ``vm``."""
         t0 = time.monotonic()
         connect = asyncio.ensure_future(link.connect_restored(timeout))
@@ -433,8 +465,9 @@ class BootStates:
                 sectors[disk] = sizes[dev] // 512
         await machine.unpause()
         t1 = time.monotonic()
+        macs = {neutral_mac(i): n.mac for i, n in enumerate(getattr(spec, "nics", ()))}
         payload = P.pack_resume(secrets.token_bytes(P.SEED_BYTES), vm.name, resize_private,
-                                sectors)
+                                sectors, macs)
         call = await link.resume(payload)
         output = b""
         while True:

@@ -1,6 +1,7 @@
 """The ``bulkhead`` command: what Qubes does at install time, and the daemon.
 
-    bulkhead setup [--no-install] [--no-default-qubes]   set everything up, start the daemon, qvm-ls
+    bulkhead setup [--no-install] [--no-default-qubes] [--uplink MODE]
+                                                         set everything up, start the daemon, qvm-ls
     bulkhead prepare [--no-install]                      packages, kernel, template image only
     bulkhead daemon [--detach]                           the admin daemon (Qubes' qubesd)
     bulkhead info                                        acceleration, kernel, template, daemon
@@ -23,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("setup", help="install, build and start everything; ends with qvm-ls")
     s.add_argument("--no-install", action="store_true", help="do not apt-get install missing packages")
     s.add_argument("--no-default-qubes", action="store_true", help="create only the template")
+    s.add_argument("--uplink", default="passt", metavar="MODE",
+                   help="sys-net's uplink for a new install: passt (default: the host's "
+                        "network), none, or bridge:NETNS:BRIDGE")
     s = sub.add_parser("prepare", help="host packages, qube kernel and template image only")
     s.add_argument("--no-install", action="store_true")
     s = sub.add_parser("daemon", help="run the admin daemon")
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "setup":
             from .setup.run import run_setup
             return run_setup(paths, install_packages=not args.no_install,
-                             default_qubes=not args.no_default_qubes)
+                             default_qubes=not args.no_default_qubes, uplink=args.uplink)
         if args.command == "prepare":
             from .setup.run import prepare
             prepare(paths, install_packages=not args.no_install)

@@ -16,6 +16,7 @@ start undoes everything it did and raises with the reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -66,6 +67,9 @@ class QemuLifecycle:
         self.boot_states = bootstate.BootStates(self, paths.home / "boot-states",
                                                 paths.cache / "boot-states")
         self.boot_states.clean_up()
+        # --- networking: links, relays, pushes to the agents (bulkhead.network) ---
+        from .network.manager import Network
+        self.network = Network(app, paths)
 
     # --- the backend, created on first use (detecting KVM boots a kernel) ------
     @property
@@ -227,9 +231,14 @@ class QemuLifecycle:
             spec = self._spec(vm, tuple(disks), extra)
             if saved is not None:
                 spec = bootstate.restore_spec(spec)
+            # --- networking: the qube's network devices, on descriptors dom0 made ---
+            spec = dataclasses.replace(spec, nics=await self.network.prepare(vm))
             self._stopped[name] = asyncio.get_running_loop().create_future()
             t_volumes = asyncio.get_running_loop().time()
-            machine = await self.backend.start(spec, self._on_exit)
+            try:
+                machine = await self.backend.start(spec, self._on_exit)
+            finally:
+                self.network.launched(vm)
             t_launch = asyncio.get_running_loop().time()
             self.machines[name] = machine
             self._watch_disk_errors(vm, machine)
@@ -237,13 +246,15 @@ class QemuLifecycle:
             self.links[name] = link
             try:
                 if saved is not None:
-                    await self.boot_states.restore(vm, machine, link, saved,
+                    await self.boot_states.restore(vm, machine, link, saved, spec,
                                                    extra.get("resize_private") == "1",
                                                    float(vm.qrexec_timeout))
                 else:
                     await link.ensure_ready(float(vm.qrexec_timeout))
             except AgentLinkError as e:
                 raise QubesVMError(vm, f"{e}; the qube's console log is {machine.console_log}") from e
+            # --- networking: configure the qube, join it to its netvm ---
+            await self.network.started(vm)
             now = asyncio.get_running_loop().time()
             log.info("qube %s started (%s): volumes %.0f ms, QEMU launched %.0f ms, "
                      "agent ready %.0f ms", name, "restored" if saved else "cold",
@@ -285,9 +296,13 @@ class QemuLifecycle:
             origin = getattr(source, "origin_of", lambda _i: None)(image)
             if origin is not None:
                 image = origin
-            shape = self._spec(vm, tuple(DiskSpec(v.name, Path("/" + v.name), "qcow2",
-                                                  readonly=not v.config.rw)
-                                         for v in volumes), dict(extra))
+            nics = self.network.nic_shape(vm)
+            if nics is None:
+                return None   # a netvm with an uplink of its own: it boots
+            shape = dataclasses.replace(
+                self._spec(vm, tuple(DiskSpec(v.name, Path("/" + v.name), "qcow2",
+                                              readonly=not v.config.rw) for v in volumes),
+                           dict(extra)), nics=nics)
             key = states.key_for(shape, Path(image))
         except (OSError, QubesException) as e:
             log.info("qube %s: no saved boot state (%s)", vm.name, e)
@@ -343,6 +358,7 @@ class QemuLifecycle:
         link = self.links.pop(name, None)
         if link:
             link.close("start failed")
+        await self.network.stopped(vm)   # networking
         await self._stop_volumes(vm, started)
 
     async def _stop_volumes(self, vm: "QubesVM", volumes: list[Volume]) -> str | None:
@@ -381,6 +397,7 @@ class QemuLifecycle:
             self.power.move(name, Power.CRASHED if reason == ExitReason.CRASHED else Power.HALTED)
         try:
             if vm is not None:
+                await self.network.stopped(vm)   # networking: its links and relay go
                 failure = await self._stop_volumes(vm, self.volumes(vm))
                 if failure is not None:
                     self._stop_errors[name] = failure
@@ -603,6 +620,7 @@ class QemuLifecycle:
         # The agent says HELLO again when it sees dom0 reconnect; don't hold the daemon's start.
         self.links[vm.name] = AgentLink(vm.name, str(machine.agent_socket),
                                         on_call=self._on_call)
+        await self.network.adopt(vm)   # networking: its relay and links, kept running
         return True
 
 

@@ -48,12 +48,21 @@ class Instance:
              timeout: float = 180, text: bool = True) -> subprocess.CompletedProcess:
         exe = BIN / argv[0]
         cmd = [str(exe) if exe.exists() else argv[0], *argv[1:]]
+        module = f"bulkhead.tools.{argv[0].replace('-', '_')}"
+        if not exe.exists() and argv[0].startswith("qvm-") and \
+                (Path(__file__).parents[2] / "src" / (module.replace(".", "/") + ".py")).exists():
+            # A tool newer than the shared venv's scripts: run its module (same code).
+            cmd = [sys.executable, "-m", module, *argv[1:]]
         r = subprocess.run(cmd, env=self.env, input=input, capture_output=True, text=text,
                            timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {r.returncode}\n"
                                  f"stdout: {r.stdout}\nstderr: {r.stderr}")
         return r
+
+    def tool_argv(self, name: str) -> list[str]:
+        exe = BIN / name
+        return [str(exe) if exe.exists() else name]
 
     def run(self, qube: str, command: str, user: str | None = None, input: str | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
@@ -134,8 +143,13 @@ def make_instance(home: Path, *setup_args: str) -> Instance:
     (``bulkhead setup --no-install`` and ``setup_args``); the caller tears it down."""
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
+    # No qube of a test may reach the host's real network: sys-net has no uplink unless
+    # a test gives it a bridge into a namespace of its own, and passt is refused outright.
     env = dict(os.environ, BULKHEAD_HOME=str(home), BULKHEAD_SOCKET=str(home / "qubesd.sock"),
-               BULKHEAD_CACHE=CACHE, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+               BULKHEAD_CACHE=CACHE, PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+               BULKHEAD_NO_PASST="1")
+    if "--uplink" not in setup_args:
+        setup_args = (*setup_args, "--uplink", "none")
     inst = Instance(home=home, socket=home / "qubesd.sock", env=env)
     r = subprocess.run([str(BIN / "bulkhead"), "setup", "--no-install", *setup_args], env=env,
                        capture_output=True, text=True, timeout=1800)

@@ -25,6 +25,7 @@ METHOD_MODULES = (
     "bulkhead.api.admin_policy",
     "bulkhead.api.admin_bootstate",
     "bulkhead.api.gui",
+    "bulkhead.api.admin_firewall",
 )
 #: modules other parts of Bulkhead provide; loaded when they are there
 OPTIONAL_METHOD_MODULES: tuple[str, ...] = ()

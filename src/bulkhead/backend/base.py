@@ -42,6 +42,19 @@ class DiskSpec:
 
 
 @dataclass(frozen=True)
+class NicSpec:
+    """One network device: a virtio-net on a descriptor dom0 made (see bulkhead.network).
+
+    ``kind``: ``dgram`` (an AF_UNIX datagram socket: a link to another qube through
+    dom0's VLAN relay), ``stream`` (a stream socket: passt) or ``tap`` (a tap device)."""
+
+    name: str
+    mac: str
+    fd: int
+    kind: str = "dgram"
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     """Everything a backend needs to start one qube's machine."""
 
@@ -55,6 +68,7 @@ class MachineSpec:
     disks: tuple[DiskSpec, ...] = ()
     initrd: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    nics: tuple[NicSpec, ...] = ()
 
 
 class ExitReason(enum.Enum):

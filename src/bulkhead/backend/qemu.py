@@ -491,6 +491,7 @@ class QemuBackend(Backend):
         self.console_log_path(spec.name).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(qlog, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         inherited = [*fds.values()] + ([info_w] if info_w >= 0 else [])
+        inherited += [nic.fd for nic in spec.nics]   # network links (bulkhead.network)
         try:
             for i in inherited:
                 os.set_inheritable(i, True)
@@ -509,6 +510,9 @@ class QemuBackend(Backend):
             os.close(fd)
             for s in listeners.values():
                 s.close()   # QEMU holds them now; the paths stay for dom0 to connect to
+            for nic in spec.nics:
+                # Never into a later QEMU: a link's end is this qube's alone.
+                os.set_inheritable(nic.fd, False)
             if info_w >= 0:
                 os.close(info_w)
         pid = spawned

@@ -30,6 +30,8 @@ def kernel_cmdline(spec: MachineSpec, accel: Accel) -> str:
         f"tsc_early_khz={host_tsc_khz()}", "tsc=reliable", "no_timer_check",
         # The qube kernel has no use for these; each costs boot time.
         "pty.legacy_count=0", "max_loop=0", "8250.nr_uarts=1",
+        # The kernel has CONFIG_DUMMY (netvms' tests); no qube wants its default dummy0.
+        "dummy.numdummies=0",
         "root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/lib/bulkhead/init",
     ]
     if spec.extra.get("boot_state") in ("save", "restore"):
@@ -102,6 +104,17 @@ def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path,
             opts += ",readonly=on"
         argv += ["-drive", opts,
                  "-device", f"virtio-blk-{bus},drive={disk.name},serial={disk.name}"]
+    # --- networking: one virtio-net per link, on descriptors dom0 made (bulkhead.network) ---
+    for nic in spec.nics:
+        if nic.kind == "tap":
+            netdev = f"tap,id={nic.name},fd={nic.fd},vhost=off"
+        elif nic.kind == "stream":
+            netdev = f"stream,id={nic.name},addr.type=fd,addr.str={nic.fd}"
+        else:
+            netdev = f"dgram,id={nic.name},local.type=fd,local.str={nic.fd}"
+        argv += ["-netdev", netdev, "-device", f"virtio-net-{bus},netdev={nic.name},mac={nic.mac}"]
+    # --- end networking ---
+
     def chardev(name: str) -> str:
         where = f"fd={fds[name]}" if fds else f"path={_opt(run_dir / f'{name}.sock')}"
         return f"socket,id={name},{where},server=on,wait=off"

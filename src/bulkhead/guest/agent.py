@@ -307,6 +307,12 @@ class Agent:
     def service_request(self, chan, payload):
         user, service, source = P.split_service(payload)
         name, _, arg = service.partition("+")
+        # --- networking: dom0 pushes this qube's network state (bulkhead_guest.netconf) ---
+        if service == NETCONF_SERVICE:
+            if source != "dom0":
+                return self.refuse(chan, "%s is dom0's alone" % NETCONF_SERVICE)
+            return self.start_call(chan, "root", "netconf", [], {}, run=_netconf_main)
+        # --- end networking ---
         for d in RPC_DIRS:
             for candidate in (service, name):
                 path = "%s/%s" % (d, candidate)
@@ -335,7 +341,7 @@ class Agent:
 
     def resume_request(self, chan, payload):
         """We were restored from a saved boot state: become this qube (see protocol.py)."""
-        seed, name, resize, sizes = P.split_resume(payload)
+        seed, name, resize, sizes, macs = P.split_resume(payload)
         if not self.check_new_call(chan):
             return
         try:
@@ -345,6 +351,7 @@ class Agent:
             self.refuse(chan, "cannot reseed the kernel's RNG: %s" % e)
             return
         forget_disks(sizes)
+        own_macs(macs)
         try:
             self.attach(chan, self.spawn_root(RC_QUBE, [RC_QUBE, name, "1" if resize else "0"]))
         except OSError as e:
@@ -606,6 +613,41 @@ def reseed(seed):
         raise
 
 
+SIOCSIFHWADDR = 0x8924
+
+
+def own_macs(macs):
+    """Give each network device this qube's MAC in place of the saved boot's (the
+    devices are still down: the network is set up after, by dom0's configuration)."""
+    if not macs:
+        return
+    import fcntl
+    import socket
+    try:
+        names = os.listdir("/sys/class/net")
+    except OSError:
+        return
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for name in names:
+            try:
+                with open("/sys/class/net/%s/address" % name) as f:
+                    saved = f.read().strip()
+            except OSError:
+                continue
+            own = macs.get(saved)
+            if own is None:
+                continue
+            ifr = (name.encode()[:15].ljust(16, b"\0") + (1).to_bytes(2, "little")   # ARPHRD_ETHER
+                   + bytes(int(x, 16) for x in own.split(":")) + bytes(8))
+            try:
+                fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, ifr)
+            except OSError as e:
+                log("cannot set the MAC of %s: %s" % (name, e))
+    finally:
+        s.close()
+
+
 def forget_disks(sizes, timeout_ms=3000):
     """Make the kernel forget the placeholder disks of the saved boot: wait until it has
     taken each disk's real capacity (dom0 signals it with a resize), then drop every
@@ -634,6 +676,15 @@ def forget_disks(sizes, timeout_ms=3000):
                 os.close(fd)
         except OSError as e:
             log("cannot flush the cached sectors of %s: %s" % (disk, e))
+
+
+NETCONF_SERVICE = "bulkhead.NetConfig"
+
+
+def _netconf_main():
+    """In a forked child: apply the network configuration on stdin (imported here only)."""
+    from . import netconf  # noqa: PLC0415 -- only when dom0 configures the network
+    return netconf.main()
 
 
 def _plain(word):

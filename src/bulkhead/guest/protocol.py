@@ -68,7 +68,7 @@ PAYLOAD_LIMIT = {
     HELLO: 4, EXEC: MAX_USER + 1 + MAX_COMMAND, STDIN: MAX_PAYLOAD, STDOUT: MAX_PAYLOAD,
     STDERR: MAX_PAYLOAD, EXIT: 4, CREDIT: 4, SIGNAL: 4, SHUTDOWN: 0, PING: 64, PONG: 64,
     ERROR: 1024, SERVICE: MAX_USER + 1 + 256 + 1 + 32, CALL: MAX_TARGET + 1 + 256,
-    RESUME: 64 + 128,
+    RESUME: 64 + 512,
 }
 
 CONTROL_ONLY = frozenset({HELLO, SHUTDOWN, PING, PONG})
@@ -248,25 +248,41 @@ def split_service(payload):
 SEED_BYTES = 64
 
 
-def pack_resume(seed, name, resize_private, disk_sectors):
-    """dom0's RESUME payload: 64 random bytes, then ``name\0resize\0vdb=N,vdc=M``."""
+def pack_resume(seed, name, resize_private, disk_sectors, macs=None):
+    """dom0's RESUME payload: 64 random bytes, then ``name\0resize\0vdb=N,vdc=M\0macs``
+    where ``macs`` is ``SAVED=OWN,...``: each network device's MAC in the saved boot
+    and the one this qube's device has."""
     if len(seed) != SEED_BYTES:
         raise ValueError("the seed must be %d bytes" % SEED_BYTES)
     disks = ",".join("%s=%d" % (d, n) for d, n in sorted(disk_sectors.items()))
+    pairs = ",".join("%s=%s" % (a, b) for a, b in sorted((macs or {}).items()))
     return seed + b"\0".join([name.encode("ascii"), b"1" if resize_private else b"0",
-                              disks.encode("ascii")])
+                              disks.encode("ascii"), pairs.encode("ascii")])
+
+
+def valid_mac(text):
+    parts = text.split(":")
+    return len(parts) == 6 and all(len(p) == 2 and all(c in "0123456789abcdef" for c in p)
+                                   for p in parts)
 
 
 def split_resume(payload):
-    """-> (seed, name, resize_private, {disk: sectors}); raises ProtocolViolation."""
+    """-> (seed, name, resize_private, {disk: sectors}, {saved MAC: own MAC});
+    raises ProtocolViolation."""
     seed, rest = payload[:SEED_BYTES], payload[SEED_BYTES:]
     parts = rest.split(b"\0")
-    if len(seed) != SEED_BYTES or len(parts) != 3:
-        raise ProtocolViolation("RESUME payload must be seed, name\0resize\0disks")
+    if len(seed) != SEED_BYTES or len(parts) != 4:
+        raise ProtocolViolation("RESUME payload must be seed, name\0resize\0disks\0macs")
     try:
-        name, resize, disks = (p.decode("ascii") for p in parts)
+        name, resize, disks, pairs = (p.decode("ascii") for p in parts)
     except UnicodeDecodeError:
         raise ProtocolViolation("RESUME payload is not ASCII") from None
+    macs = {}
+    for item in filter(None, pairs.split(",")):
+        saved, sep, own = item.partition("=")
+        if not sep or not valid_mac(saved) or not valid_mac(own):
+            raise ProtocolViolation("RESUME: bad MAC pair %r" % item[:40])
+        macs[saved] = own
     if not valid_call_target(name) or name.startswith("@") or resize not in ("0", "1"):
         raise ProtocolViolation("RESUME: bad name or flag")
     sizes = {}
@@ -275,4 +291,4 @@ def split_resume(payload):
         if not sep or disk not in ("vdb", "vdc") or not n.isdigit() or len(n) > 15:
             raise ProtocolViolation("RESUME: bad disk size %r" % item[:32])
         sizes[disk] = int(n)
-    return seed, name, resize == "1", sizes
+    return seed, name, resize == "1", sizes, macs

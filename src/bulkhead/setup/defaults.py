@@ -26,6 +26,8 @@ DEFAULT_QUBES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("personal", "AppVM", "yellow", {}),
     ("untrusted", "AppVM", "red", {}),
     ("vault", "AppVM", "black", {"netvm": None}),
+    # The Tor gateway (Whonix-Gateway's role): halted until a qube uses it as its netvm.
+    ("sys-tor", "AppVM", "purple", {"provides_network": True, "netvm": "sys-firewall"}),
     ("default-dvm", "AppVM", "red", {"template_for_dispvms": True}),
 ]
 GLOBALS_AFTER = [("default_netvm", "sys-firewall"), ("updatevm", "sys-firewall"),
@@ -63,7 +65,7 @@ def ensure_template(app: App, image: Path, image_key: str, kernel: str) -> str:
     return "imported"
 
 
-def ensure_default_qubes(app: App) -> list[str]:
+def ensure_default_qubes(app: App, uplink: str = "passt") -> list[str]:
     created = []
     _set_global(app, "default_template", TEMPLATE)
     for name, klass, label, props in DEFAULT_QUBES:
@@ -73,6 +75,11 @@ def ensure_default_qubes(app: App) -> list[str]:
             vm = app.add_new_vm(klass, name, label, template=TEMPLATE)
             for prop, value in props.items():
                 setattr(vm, prop, value)
+            if name == "sys-net":
+                # sys-net's uplink (bulkhead.network.uplink): a new install's choice.
+                vm.features["uplink"] = uplink
+            if name == "sys-tor":
+                vm.features["tor-gateway"] = "1"
         created.append(name)
         if name == "sys-firewall":
             _set_global(app, "default_netvm", "sys-firewall")

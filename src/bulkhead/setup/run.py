@@ -85,12 +85,18 @@ def ensure_boot_state(app: Any, qube: str) -> None:
             s.note = f"not built ({e}); qubes boot cold until it is"
 
 
-def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool = True) -> int:
+def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool = True,
+              uplink: str = "passt") -> int:
     from ..client.app import App
     from ..client.connection import Connection
     from ..tools import qvm_ls
     from .defaults import ensure_default_qubes, ensure_template
 
+    from ..network.uplink import UplinkError, check_mode
+    try:
+        check_mode(uplink)
+    except UplinkError as e:
+        raise SetupError(f"--uplink: {e}") from None
     start = time.monotonic()
     _, kid, image, key = prepare(paths, install_packages)
     from ..qrexec.policy_default import ensure_policy
@@ -105,7 +111,7 @@ def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool =
     app = App(Connection(str(paths.socket)))
     ensure_template(app, image, key, kid)
     if default_qubes:
-        ensure_default_qubes(app)
+        ensure_default_qubes(app, uplink=uplink)
         ensure_boot_state(app, "default-dvm")
     console.print(f"[bold]Bulkhead is set up[/] in {time.monotonic() - start:.0f} s. "
                   f"Home: {paths.home}; Admin API: {paths.socket}")

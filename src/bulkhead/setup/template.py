@@ -36,6 +36,8 @@ PACKAGES = [
     "e2fsprogs",        # formats a new qube's private volume at its first start
     "passwd", "sudo",   # the user `user`, root through sudo as in Qubes
     "iproute2", "nftables",  # networking and firewall qubes
+    "conntrack",        # a firewall qube flushes the connections its new rules forbid
+    "tor",              # sys-tor, the Tor gateway (in the role of Whonix-Gateway)
     "apt", "procps",
     # --- GUI (issue 10): an X server with no screen, the GUI agent's X library, and
     # what a user tries first: a terminal, a text editor (xedit, in x11-apps), an
@@ -73,6 +75,10 @@ GUEST_FILES = [
     ("guest/files/qubes.Filecopy", "etc/qubes-rpc/qubes.Filecopy", 0o755),
     ("guest/files/qubes.VMShell", "etc/qubes-rpc/qubes.VMShell", 0o755),
     ("guest/files/qubes.VMExec", "etc/qubes-rpc/qubes.VMExec", 0o755),
+    ("guest/fwrules.py", "usr/lib/bulkhead/bulkhead_guest/fwrules.py", 0o644),
+    ("guest/netconf.py", "usr/lib/bulkhead/bulkhead_guest/netconf.py", 0o644),
+    ("guest/dnsproxy.py", "usr/lib/bulkhead/bulkhead_guest/dnsproxy.py", 0o644),
+    ("guest/torgw.py", "usr/lib/bulkhead/bulkhead_guest/torgw.py", 0o644),
     ("guest/openinvm.py", "usr/lib/bulkhead/bulkhead_guest/openinvm.py", 0o644),
     ("guest/files/qubes.OpenInVM", "etc/qubes-rpc/qubes.OpenInVM", 0o755),
     ("guest/files/qopen-in-vm", "usr/lib/bulkhead/qopen-in-vm", 0o755),

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..errors import QubesPropertyValueError, QubesVMInUseError, QubesVMNotStartedError
+from ..errors import (QubesPropertyValueError, QubesVMError, QubesVMInUseError,
+                      QubesVMNotStartedError)
 from ..events import handler
+from ..network import addressing
 from ..properties import Property, PropertyHolder, VMProperty
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,8 +85,31 @@ def connected_vms(netvm: Any) -> list[Any]:
     return [vm for vm in netvm.app.domains if getattr(vm, "netvm", None) is netvm]
 
 
+def is_networked(vm: Any) -> bool:
+    """Qubes' test: a qube has an address if it has a netvm or gives network."""
+    return bool(getattr(vm, "provides_network", False)) or getattr(vm, "netvm", None) is not None
+
+
+def _setter_ipv4(vm: Any, prop: Property, value: str) -> str:
+    parts = value.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
+        raise QubesPropertyValueError(vm, prop.name, value,
+                                      f"{prop.name} must be an IPv4 address like 10.137.0.5")
+    return ".".join(str(int(p)) for p in parts)
+
+
+def _setter_mac(vm: Any, prop: Property, value: str) -> str:
+    parts = value.lower().split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p)
+                                  for p in parts) or int(parts[0], 16) & 1:
+        raise QubesPropertyValueError(vm, prop.name, value,
+                                      "mac must be a unicast MAC address like 00:16:3e:5e:6c:05")
+    return ":".join(parts)
+
+
 class NetVMMixin(PropertyHolder):
-    """``netvm`` and ``provides_network`` for QubesVM, with Qubes' rules."""
+    """``netvm`` and ``provides_network`` for QubesVM, with Qubes' rules; the addresses
+    (``ip``, ``visible_*``, ``gateway``, ``mac``, ``dns``) as Qubes derives them."""
 
     #: an unset netvm means app.default_netvm (TemplateVM: no network by default)
     netvm_follows_default = True
@@ -96,6 +121,30 @@ class NetVMMixin(PropertyHolder):
         allow_none=True, default=default_netvm_of, setter=setter_netvm,
         doc="The qube that gives this qube its network; empty for no network. "
             "Default: the global default_netvm.")
+
+    ip = Property(default=lambda vm: addressing.ip_of(vm) if is_networked(vm) else None,
+                  setter=_setter_ipv4,
+                  doc="The qube's IPv4 address (10.137.X.Y from its qid, 10.138.X.Y for a "
+                      "disposable); empty without network.")
+    visible_ip = Property(read_only=True, default=lambda vm: vm.ip,
+                          doc="The address the qube sees as its own.")
+    visible_netmask = Property(read_only=True,
+                               default=lambda vm: addressing.NETMASK if vm.netvm else None,
+                               doc="The netmask the qube sees: a /32, every packet goes "
+                                   "through its netvm.")
+    visible_gateway = Property(read_only=True,
+                               default=lambda vm: vm.netvm.gateway if vm.netvm else None,
+                               doc="The qube's default gateway: its netvm's address.")
+    gateway = Property(read_only=True,
+                       default=lambda vm: vm.visible_ip if vm.provides_network else None,
+                       doc="The gateway this qube gives its clients (its own address, "
+                           "if it provides network).")
+    mac = Property(default=lambda vm: addressing.qube_mac(int(vm.qid)) if int(vm.qid) > 0
+                   else None, setter=_setter_mac,
+                   doc="MAC address of the qube's network interface.")
+    dns = Property(read_only=True,
+                   default=lambda vm: " ".join(addressing.DNS_SERVERS) if vm.netvm else None,
+                   doc="The DNS servers the qube uses (virtual; its netvm redirects them).")
 
     if TYPE_CHECKING:  # pragma: no cover
         app: App
@@ -112,6 +161,12 @@ class NetVMMixin(PropertyHolder):
         if newvalue is not None and self.is_running() and not newvalue.is_running():
             raise QubesVMNotStartedError(
                 newvalue, f"Cannot dynamically attach to stopped NetVM: {newvalue.name!r}")
+        network = getattr(self.app.lifecycle, "network", None)
+        if newvalue is not None and network is not None and self.is_running() \
+                and self.name not in network.links:
+            raise QubesVMError(
+                self, f"{self.name!r} started without a network device: shut it down, "
+                      f"set its netvm to {newvalue.name!r}, and start it again")
 
     @handler("property-pre-set:netvm")
     def _on_pre_set_netvm(self, event: str, name: str, newvalue: Any, oldvalue: Any = None) -> None:
