@@ -24,12 +24,21 @@ def internet(bulkhead, tmp_path_factory):
                         dns={"cdn.test": [f"{SUBNET}.3", f"{SUBNET}.4"]})
     for qube in ("work", "personal", "untrusted", "sys-firewall", "sys-net"):
         bulkhead.tool("qvm-shutdown", "--wait", "--force", qube, check=False)
+    before = {key: bulkhead.tool("qvm-features", "sys-net", key, check=False).stdout.strip()
+              for key in net.features()}
     for key, value in net.features().items():
         bulkhead.tool("qvm-features", "sys-net", key, value)
     yield net
     for qube in ("work", "personal", "sys-firewall", "sys-net"):
         bulkhead.tool("qvm-kill", qube, check=False)
     net.close()
+    # The namespace is gone: sys-net gets back the uplink it had (the session's: none),
+    # so that the tests after these can still start it.
+    for key, value in before.items():
+        if value:
+            bulkhead.tool("qvm-features", "sys-net", key, value)
+        else:
+            bulkhead.tool("qvm-features", "--unset", "sys-net", key)
 
 
 @pytest.fixture(scope="module")

@@ -83,9 +83,12 @@ def build(paths: Paths, jobs: int | None = None) -> Path:
     with step(f"Building the qube kernel {kid} (about 10 minutes on 2 cores; once)") as s:
         if not (src / "Makefile").exists():
             shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
+            unpack = work / ".unpack"
+            unpack.mkdir(parents=True)
             s.update("unpacking the source")
-            s.run(["tar", "-xf", str(SOURCE_TARBALL), "-C", str(work)], log, what="tar")
+            s.run(["tar", "-xf", str(SOURCE_TARBALL), "-C", str(unpack)], log, what="tar")
+            # Only a whole tree gets the name a later run takes as unpacked.
+            os.rename(unpack / src.name, src)
         frag = work / "qube-kernel.config"
         frag.write_text(fragment_text())
         s.run(["make", "-s", "tinyconfig"], log, cwd=src, what="make tinyconfig")
