@@ -82,8 +82,11 @@ BUILDER_QID = 255
 BUILD_TIMEOUT = 120.0
 #: after the agent's HELLO: the agent brings the other vCPUs online; let it finish
 SETTLE_SECONDS = 1.0
-#: states kept per template root (one per machine shape in use)
-KEEP_PER_ROOT = 3
+#: states kept per template root, one per machine shape (plain, with a netvm link, a
+#: netvm's, a GUI qube's, other memory sizes...); beyond it the least recently used go
+KEEP_PER_ROOT = 8
+#: a state's directory records its last use (its mtime) at most this often
+TOUCH_SECONDS = 60.0
 #: the feature that turns restored starts off for one qube (``qvm-features Q boot-state 0``)
 FEATURE = "boot-state"
 FALSE_WORDS = ("0", "", "false", "no", "off")
@@ -94,11 +97,12 @@ class BootStateError(QubesException):
 
 
 class RestoreFailed(BootStateError):
-    """QEMU would not load a state: it must be discarded, and the start boot cold."""
+    """A state did not load, or the restored guest did not take RESUME: the state is
+    discarded, and the start boots cold."""
 
-    def __init__(self, key: str, message: str) -> None:
+    def __init__(self, state: "SavedState", message: str) -> None:
         super().__init__(message)
-        self.key = key
+        self.state = state
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,11 @@ class BootStates:
                 self.discard(st)
                 return None
             self._verified[key] = stamp
+        try:
+            if time.time() - st.dir.stat().st_mtime > TOUCH_SECONDS:
+                os.utime(st.dir)      # used now: the last to go when states are pruned
+        except OSError:
+            pass
         return st
 
     def discard(self, st: SavedState) -> None:
@@ -275,7 +284,7 @@ class BootStates:
     def prune(self, home: Path, root_source: str, keep: str, current_image: Path) -> None:
         """Drop the states whose root image is gone; in this instance's own directory,
         also those of ``root_source`` on another image than its current one (the
-        template changed since); and the oldest beyond KEEP_PER_ROOT."""
+        template changed since); and the least recently used beyond KEEP_PER_ROOT."""
         try:
             entries = list(home.iterdir())
         except FileNotFoundError:
@@ -450,7 +459,7 @@ class BootStates:
             await machine.restore_state(st.state)
         except BackendError as e:
             connect.cancel()
-            raise RestoreFailed(st.key, f"its saved boot state {st.key} did not load: {e}") from e
+            raise RestoreFailed(st, f"its saved boot state {st.key} did not load: {e}") from e
         except BaseException:
             connect.cancel()
             raise
@@ -481,6 +490,6 @@ class BootStates:
                     return
                 said = "".join(c if c.isprintable() else " " for c in
                                (output.decode(errors="replace") + str(value))).strip()[-300:]
-                raise BootStateError(f"qube {vm.name!r}: its own part of the boot failed "
-                                     f"after the restore: {said}")
+                raise RestoreFailed(st, f"qube {vm.name!r}: its own part of the boot failed "
+                                        f"after the restore from {st.key}: {said}")
 

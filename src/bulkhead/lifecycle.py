@@ -192,11 +192,12 @@ class QemuLifecycle:
         try:
             await self._start(vm, use_saved_state=True)
         except bootstate.RestoreFailed as e:
-            # The state would not load (QEMU refused it): it is never tried again,
-            # and this start boots cold.
+            # The state would not load (QEMU refused it, or the restored agent did not
+            # take RESUME: a template older than dom0's code): it is never tried
+            # again, and this start boots cold.
             log.warning("qube %s: %s; discarding the saved boot state and booting cold",
                         name, e)
-            self.boot_states.discard(e.key)
+            self.boot_states.discard(e.state)
             await self._start(vm, use_saved_state=False)
 
     async def _start(self, vm: "QubesVM", use_saved_state: bool) -> None:
