@@ -214,7 +214,9 @@ class BootStates:
     # --- eligibility and keys -------------------------------------------------------
     def wanted(self, vm: Any) -> bool:
         """Whether ``vm`` starts from a saved state (if one is ready)."""
-        if str(vm.features.get(FEATURE, "1")).lower() in FALSE_WORDS:
+        # As Qubes reads such features: the qube's own, else its template's (a
+        # disposable takes its disposable template's).
+        if str(vm.features.check_with_template(FEATURE, "1")).lower() in FALSE_WORDS:
             return False
         if os.environ.get("BULKHEAD_BOOT_STATES", "1") in FALSE_WORDS:
             return False

@@ -142,3 +142,14 @@ def test_a_template_that_changes_its_root_never_gets_a_stale_state_restored(bulk
     bulkhead.tool("qvm-start", "debian-12", timeout=180)
     bulkhead.run("debian-12", "rm -f /etc/bulkhead-root-changed", user="root")
     bulkhead.tool("qvm-shutdown", "--wait", "debian-12", timeout=120)
+
+
+def test_disposables_take_boot_state_from_their_disposable_template(bulkhead):
+    dispvm = ["qvm-run", "--dispvm", "--pass-io", "grep -c bulkhead.saved=1 /proc/cmdline; true"]
+    assert boot_state(bulkhead, "default-dvm", build=True).startswith("ready ")
+    assert bulkhead.tool(*dispvm).stdout.strip() == "1"
+    bulkhead.tool("qvm-features", "default-dvm", "boot-state", "0")
+    try:
+        assert bulkhead.tool(*dispvm).stdout.strip() == "0"
+    finally:
+        bulkhead.tool("qvm-features", "--unset", "default-dvm", "boot-state")
