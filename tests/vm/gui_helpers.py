@@ -93,6 +93,21 @@ class UserDisplay:
         g = w.get_geometry()
         return g.x, g.y, g.width, g.height
 
+    def focus(self, prefix: str, timeout: float = 60) -> Any:
+        """Focus the window titled ``prefix...``, found afresh if the one found went
+        (a qube's window can be remade while its GUI agent reconnects)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            w = self.wait_for(lambda: self.windows(prefix), max(1.0, deadline - time.monotonic()),
+                              f"a {prefix} window")[0]
+            try:
+                self.xdotool("windowfocus", "--sync", str(w.id))
+                return w
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
     def xdotool(self, *args: str) -> None:
         subprocess.run(["xdotool", *args], env=dict(os.environ, DISPLAY=self.name), check=True,
                        timeout=30)

@@ -127,22 +127,33 @@ def test_keyboard_reaches_only_the_focused_qube(bulkhead, desktop):
             p.kill()
 
 
+def set_clipboard(bulkhead, qube: str, text: str) -> None:
+    """``text`` on the qube's own clipboard (xclip holds it), once the qube says so."""
+    bulkhead.run(qube, f"pkill xclip; printf '{text}' | xclip -selection clipboard "
+                       ">/dev/null 2>&1 &")
+    deadline = time.monotonic() + 30
+    while bulkhead.run(qube, "xclip -o -selection clipboard 2>/dev/null; true").stdout != text:
+        assert time.monotonic() < deadline, f"{qube}'s clipboard was not set"
+        time.sleep(0.3)
+
+
 def test_clipboard_copy_and_paste_between_qubes(bulkhead, desktop):
     display, logs, _ = desktop
-    bulkhead.run("work", "printf 'from work' | xclip -selection clipboard >/dev/null 2>&1 &")
-    bulkhead.run("personal", "printf 'old' | xclip -selection clipboard >/dev/null 2>&1 &")
     procs = [open_xterm(bulkhead, "work", "/tmp/c"),
              open_xterm(bulkhead, "personal", "/tmp/c", "+520+260")]
     try:
-        w = display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")[0]
-        p = display.wait_for(lambda: display.windows("[personal]"), 120, "a [personal] window")[0]
-        display.xdotool("windowfocus", "--sync", str(w.id))
+        display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")
+        display.wait_for(lambda: display.windows("[personal]"), 120, "a [personal] window")
+        # Each qube's X server runs now (its window shows): set its clipboard.
+        set_clipboard(bulkhead, "work", "from work")
+        set_clipboard(bulkhead, "personal", "old")
+        display.focus("[work]")
         display.xdotool("key", "ctrl+shift+c")
         clip = logs / "clip" / "clipboard.data"
         display.wait_for(lambda: clip.exists() and clip.read_bytes() == b"from work", 30,
                          "the global clipboard")
         display.wait_for(lambda: display.windows("Bulkhead notice"), 10, "the copy notice")
-        display.xdotool("windowfocus", "--sync", str(p.id))
+        display.focus("[personal]")
         display.xdotool("key", "ctrl+shift+v")
         display.wait_for(lambda: bulkhead.run("personal", "xclip -o -selection clipboard").stdout
                          == "from work", 30, "the paste in personal")
@@ -187,18 +198,18 @@ def test_confirm_before_paste_refused(bulkhead, desktop, tmp_path):
                      30, "the windows of the stopped daemon to go")
     logs = tmp_path / "logs"
     proc = start_daemon(display, bulkhead.env, logs, "--confirm-paste")
-    bulkhead.run("work", "pkill xclip; printf 'not this' | xclip -selection clipboard >/dev/null 2>&1 &")
-    bulkhead.run("personal", "pkill xclip; printf 'kept' | xclip -selection clipboard >/dev/null 2>&1 &")
     procs = [open_xterm(bulkhead, "work", "/tmp/c"),
              open_xterm(bulkhead, "personal", "/tmp/c", "+520+260")]
     try:
-        w = display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")[0]
-        p = display.wait_for(lambda: display.windows("[personal]"), 120, "a [personal] window")[0]
-        display.xdotool("windowfocus", "--sync", str(w.id))
+        display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")
+        display.wait_for(lambda: display.windows("[personal]"), 120, "a [personal] window")
+        set_clipboard(bulkhead, "work", "not this")
+        set_clipboard(bulkhead, "personal", "kept")
+        display.focus("[work]")
         display.xdotool("key", "ctrl+shift+c")
         clip = logs / "clip" / "clipboard.data"
         display.wait_for(lambda: clip.exists(), 30, "the global clipboard")
-        display.xdotool("windowfocus", "--sync", str(p.id))
+        display.focus("[personal]")
         display.xdotool("key", "ctrl+shift+v")
         dialog = display.wait_for(lambda: display.windows("Bulkhead: paste?"), 30, "the prompt")[0]
         display.xdotool("windowfocus", "--sync", str(dialog.id))
