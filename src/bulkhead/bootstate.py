@@ -82,6 +82,9 @@ BUILDER_QID = 255
 BUILD_TIMEOUT = 120.0
 #: after the agent's HELLO: the agent brings the other vCPUs online; let it finish
 SETTLE_SECONDS = 1.0
+#: the qube's own part of the boot after a restore takes ~0.2 s: past this, something
+#: is wrong with the state, and the start boots cold instead
+RESUME_TIMEOUT = 10.0
 #: states kept per template root, one per machine shape (plain, with a netvm link, a
 #: netvm's, a GUI qube's, other memory sizes...); beyond it the least recently used go
 KEEP_PER_ROOT = 8
@@ -481,8 +484,18 @@ class BootStates:
                                 sectors, macs)
         call = await link.resume(payload)
         output = b""
+        deadline = time.monotonic() + min(timeout, RESUME_TIMEOUT)
         while True:
-            kind, value = await asyncio.wait_for(call.next_event(), timeout)
+            try:
+                kind, value = await asyncio.wait_for(call.next_event(),
+                                                     max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                said = "".join(c if c.isprintable() else " " for c in
+                               output.decode(errors="replace")).strip()[-300:]
+                raise RestoreFailed(st, f"qube {vm.name!r}: its own part of the boot did not "
+                                        f"end within {min(timeout, RESUME_TIMEOUT):.0f} s "
+                                        f"after the restore from {st.key}"
+                                        + (f" (it said: {said})" if said else "")) from None
             if kind in ("stdout", "stderr") and isinstance(value, bytes):
                 output = (output + value)[-2000:]
             elif kind in ("exit", "error"):
