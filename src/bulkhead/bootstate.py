@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .backend import jail
 from .backend.base import DiskSpec, MachineSpec
 from .backend.qemu_argv import QEMU, build_argv
 from .errors import BackendError, QubesException
@@ -389,12 +390,7 @@ class BootStates:
             link.close("the boot state is saved")
             # The frozen root is read (never written) by every restored qube's overlay:
             # dom0's, no longer the builder's jail uid's.
-            os.chown(root, 0, 0)
-            try:
-                os.removexattr(root, "system.posix_acl_access")
-            except OSError:
-                pass
-            os.chmod(root, 0o644)
+            jail.take_back(root, 0o644)
             for p in (private, volatile):
                 p.unlink()
             meta = {"format": FORMAT, "key": key, "size": size,

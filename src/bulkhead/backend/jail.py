@@ -213,6 +213,18 @@ def give(path: Path, uid: int, gid: int) -> None:
         pass
 
 
+def take_back(path: Path, mode: int = 0o600) -> None:
+    """Make ``path`` dom0's again after a jailed QEMU had it (see :func:`give`): root's,
+    ``mode``, and no ACL entry of any qube's uid left on it."""
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
+    try:
+        os.removexattr(path, _ACL_XATTR)
+    except OSError:
+        pass
+    os.chmod(path, mode)
+
+
 # --- what QEMU needs to run --------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def shared_objects(*programs: str) -> tuple[str, ...]:

@@ -59,6 +59,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable
 
+from ..backend import jail
 from ..backend.base import DiskSpec
 from ..errors import QubesValueError, StoragePoolException
 from . import qemu_img
@@ -98,18 +99,6 @@ def _write_atomically(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)    # a full disk leaves nothing behind
         raise
     qemu_img.fsync_dir(path.parent)
-
-
-def _make_dom0s(image: Path) -> None:
-    """A committed image is dom0's alone: the started copy it was had been given to the
-    qube's jailed QEMU (its uid, maybe ACL entries), which must not keep any hold on it."""
-    if os.geteuid() == 0:
-        os.chown(image, 0, 0)
-    try:
-        os.removexattr(image, "system.posix_acl_access")
-    except OSError:
-        pass
-    os.chmod(image, 0o600)
 
 
 def src_stat(path: Path) -> list[int]:
@@ -445,7 +434,9 @@ class FileVolume(Volume):
     async def _install(self, image: Path) -> Path:
         """Make the fully written ``image`` (an overlay on the current one, or standalone)
         the current revision, atomically; returns its name in the chain."""
-        _make_dom0s(image)
+        # A committed image is dom0's alone: the started copy it was had been given to
+        # the qube's jailed QEMU, which must not keep any hold on it.
+        jail.take_back(image)
         qemu_img.fsync_file(image)
         final = self.dir / self._next_image_name()
         os.rename(image, final)
