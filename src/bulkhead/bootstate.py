@@ -211,9 +211,6 @@ class BootStates:
         self._verified: dict[str, tuple[int, int, int, int]] = {}   # key -> the file's stat
         self._builds: dict[str, asyncio.Task[SavedState | None]] = {}
         self.build_delay = float(os.environ.get("BULKHEAD_BOOT_STATE_DELAY", "3"))
-        # What the last lookup found missing (for ``bulkhead boot-state --build``).
-        self.last_key: str | None = None
-        self.last_inputs: tuple[MachineSpec, str, Path] = (None, "", Path())  # type: ignore[assignment]
 
     # --- eligibility and keys -------------------------------------------------------
     def wanted(self, vm: Any) -> bool:
@@ -326,7 +323,6 @@ class BootStates:
     def build_later(self, key: str, spec: MachineSpec, root_source: str, root_image: Path) -> None:
         """Build the state for ``key`` in the background (once), after a short delay so
         that it does not compete with the start that found it missing."""
-        self.last_key, self.last_inputs = key, (spec, root_source, root_image)
         if self.building(key):
             return
         self._builds[key] = asyncio.ensure_future(

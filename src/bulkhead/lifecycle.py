@@ -277,10 +277,10 @@ class QemuLifecycle:
                 vol.clear_fs_resize()
         self._announce.add(name)
 
-    def _saved_state(self, vm: "QubesVM", volumes: list[Volume],
-                     extra: dict[str, str]) -> "bootstate.SavedState | None":
-        """The saved boot state this start restores, if one is ready; if none is, one
-        is built in the background for the next start (this one boots cold)."""
+    def _boot_plan(self, vm: "QubesVM", volumes: list[Volume],
+                   extra: dict[str, str]) -> "tuple[str, MachineSpec, str, Path] | None":
+        """The saved boot state ``vm`` would start from: ``(key, machine shape, root
+        source, root image)``, or None if it boots cold whatever is saved."""
         states = self.boot_states
         if not states.wanted(vm) or not volumes or volumes[0].name != "root":
             return None
@@ -304,33 +304,40 @@ class QemuLifecycle:
                 self._spec(vm, tuple(DiskSpec(v.name, Path("/" + v.name), "qcow2",
                                               readonly=not v.config.rw) for v in volumes),
                            dict(extra)), nics=nics)
-            key = states.key_for(shape, Path(image))
+            return states.key_for(shape, Path(image)), shape, str(root.config.source), Path(image)
         except (OSError, QubesException) as e:
             log.info("qube %s: no saved boot state (%s)", vm.name, e)
             return None
-        found = states.find(key, states.home_of(Path(image)))
+
+    def _saved_state(self, vm: "QubesVM", volumes: list[Volume],
+                     extra: dict[str, str]) -> "bootstate.SavedState | None":
+        """The saved boot state this start restores, if one is ready; if none is, one
+        is built in the background for the next start (this one boots cold)."""
+        plan = self._boot_plan(vm, volumes, extra)
+        if plan is None:
+            return None
+        key, shape, root_source, image = plan
+        found = self.boot_states.find(key, self.boot_states.home_of(image))
         if found is None:
-            states.build_later(key, shape, str(root.config.source), Path(image))
+            self.boot_states.build_later(key, shape, root_source, image)
         return found
 
     async def boot_state(self, vm: "QubesVM", build: bool = False) -> str:
         """One line on ``vm``'s saved boot state: ``ready KEY``, ``building KEY``,
         ``missing KEY`` or ``off``; with ``build``, it is built first if missing."""
         states = self.boot_states
-        volumes = self.volumes(vm)
-        if not states.wanted(vm):
+        plan = self._boot_plan(vm, self.volumes(vm), {"gui": "1"} if _wants_gui(vm) else {})
+        if plan is None:
             return "off"
-        found = self._saved_state(vm, volumes, {"gui": "1"} if _wants_gui(vm) else {})
-        key = states.last_key
-        if found is None and build and key is not None:
-            found = await states.build_now(key, *states.last_inputs)
+        key, shape, root_source, image = plan
+        found = states.find(key, states.home_of(image))
+        if found is None and build:
+            found = await states.build_now(key, shape, root_source, image)
             if found is None:
                 raise QubesVMError(vm, f"qube {vm.name!r}: its saved boot state could not be "
                                        "built; see the daemon's log")
         if found is not None:
             return f"ready {found.key}"
-        if key is None:
-            return "off"
         return ("building " if states.building(key) else "missing ") + key
 
     def _spec(self, vm: "QubesVM", disks: tuple[DiskSpec, ...], extra: dict[str, str]) -> MachineSpec:
