@@ -72,7 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-FORMAT = "1"                       # bump when what a state holds, or how it is made, changes
+FORMAT = "2"                       # bump when what a state holds, or how it is made, changes
 PLACEHOLDER_BYTES = 1024 * 1024    # the private and volatile disks the saved boot sees
 STATE_FILE = "state"
 ROOT_FILE = "root.qcow2"
@@ -83,6 +83,10 @@ BUILDER_QID = 255
 BUILD_TIMEOUT = 120.0
 #: after the agent's HELLO: the agent brings the other vCPUs online; let it finish
 SETTLE_SECONDS = 1.0
+#: after the agent's HELLO the saved boot drops its caches; the kernel reports freed
+#: pages to the host 2 s after they were freed (mm/page_reporting.c): wait for that,
+#: so that the state holds none of them
+REPORT_SECONDS = 3.0
 #: the qube's own part of the boot after a restore takes ~0.2 s: past this, something
 #: is wrong with the state, and the start boots cold instead
 RESUME_TIMEOUT = 10.0
@@ -378,8 +382,7 @@ class BootStates:
             from .agentlink import AgentLink
             link = AgentLink(bspec.name, str(machine.agent_socket))
             await link.ensure_ready(BUILD_TIMEOUT)
-            if spec.vcpus > 1:
-                await asyncio.sleep(SETTLE_SECONDS)
+            await asyncio.sleep(max(REPORT_SECONDS, SETTLE_SECONDS if spec.vcpus > 1 else 0))
             size = await machine.save_state(tmp / STATE_FILE)
             await machine.kill()
             machine = None

@@ -19,6 +19,19 @@ GUI_PORT = "org.bulkhead.gui"   # the GUI agent's port (bulkhead.guest.gui_proto
 # inflates every machine's RSS.  32 MiB was measured best here: 16 makes boots 40 %
 # slower, 64 gains ~3 % for +35 MiB.  BULKHEAD_TCG_TB_SIZE_MIB overrides it (tuning).
 TCG_TB_SIZE_MIB = int(os.environ.get("BULKHEAD_TCG_TB_SIZE_MIB", "32"))
+# A qube restored from a saved boot state (bulkhead.bootstate) never runs the boot:
+# its cache holds only what it runs itself, and a running qube fills whatever size
+# it has within minutes (translations are never given back).  16 MiB there is 16 MiB
+# less per qube on the host, for Python-heavy commands ~20 % slower than with 32
+# (measured: bench/memory.py); 8 would make them 8x slower (the cache thrashes).
+TCG_TB_SIZE_RESTORED_MIB = int(os.environ.get("BULKHEAD_TCG_TB_SIZE_RESTORED_MIB", "16"))
+
+
+def tcg_tb_size_mib(spec: MachineSpec) -> int:
+    """The translation cache a TCG machine gets (see the two constants above)."""
+    if spec.extra.get("boot_state") == "restore":
+        return TCG_TB_SIZE_RESTORED_MIB
+    return TCG_TB_SIZE_MIB
 
 
 def kernel_cmdline(spec: MachineSpec, accel: Accel) -> str:
@@ -32,6 +45,10 @@ def kernel_cmdline(spec: MachineSpec, accel: Accel) -> str:
         "pty.legacy_count=0", "max_loop=0", "8250.nr_uarts=1",
         # The kernel has CONFIG_DUMMY (netvms' tests); no qube wants its default dummy0.
         "dummy.numdummies=0",
+        # QEMU's virtio-mmio offers each queue at 1024 entries (its PCI devices: 128-256);
+        # our kernel takes at most 256 (kernel/virtio-mmio-queue-max.patch): the
+        # virtio-serial ports' pre-posted pages alone were 12 MiB of every qube.
+        "virtio_mmio.queue_max=256",
         "root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/lib/bulkhead/init",
     ]
     if spec.extra.get("boot_state") in ("save", "restore"):
@@ -76,7 +93,7 @@ def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path,
     if accel.name == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
-        argv += ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
+        argv += ["-accel", f"tcg,tb-size={tcg_tb_size_mib(spec)}"]
     if direct_boot:
         # microvm: no PCI, no ACPI, no firmware; half the boot time of a PC under TCG.
         argv += ["-M", "microvm,pit=on,pic=on,rtc=on,acpi=off"]
@@ -120,7 +137,9 @@ def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path,
         return f"socket,id={name},{where},server=on,wait=off"
 
     argv += [
-        "-device", f"virtio-serial-{bus}",
+        # Three ports (0, reserved for a console, and ours): the default 31 would
+        # give the guest 64 queues to set up.
+        "-device", f"virtio-serial-{bus},max_ports=3",
         "-chardev", chardev("qrexec"),
         "-device", f"virtserialport,chardev=qrexec,name={AGENT_PORT}",
         # The GUI's own port on the same virtio-serial device (no extra transport).

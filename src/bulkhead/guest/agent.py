@@ -465,6 +465,16 @@ class Agent:
             # This boot's state is saved: what a restore needs is loaded now, once,
             # rather than by each restored qube.
             import fcntl  # noqa: F401
+            # ...and what only the boot read is let go: the page cache and the
+            # dentries and inodes of the boot's files.  Freed, it is reported to the
+            # host (the balloon's free page reporting, order 0: rc.sysinit), so the
+            # saved state does not hold it and no restored qube has it resident.
+            # dom0 waits for the report before it saves (bootstate.REPORT_SECONDS).
+            try:
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3")
+            except OSError as e:
+                log("cannot drop the boot's caches: %s" % e)
         script = ("for c in /sys/devices/system/cpu/cpu[0-9]*/online; do "
                   "read -r on < $c; [ $on = 0 ] && echo 1 > $c; done")
         try:

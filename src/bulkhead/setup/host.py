@@ -19,6 +19,7 @@ PACKAGES = {
     "bc": "kernel build",
     "flex": "kernel build",
     "bison": "kernel build",
+    "patch": "kernel build: our changes to the source (kernel/*.patch)",
     "libelf-dev": "kernel build (objtool)",
     "libssl-dev": "kernel build",
     "busybox-static": "the tiny initramfs of the boot benchmark",
