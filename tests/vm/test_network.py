@@ -277,6 +277,9 @@ def test_sys_tor_lets_nothing_out_but_tor(bulkhead, online, tmp_path):
     test internet is Tor's own attempts to reach its bridge.  (Tor is given a bridge
     inside the test internet where nothing answers: a test must not reach the real
     Tor network.)"""
+    # sys-tor runs on a template of its own, Debian's tor added; the others have no tor.
+    assert bulkhead.tool("qvm-prefs", "sys-tor", "template").stdout.strip() == "debian-12-tor"
+    assert bulkhead.run("work", "test -e /usr/bin/tor || echo none").stdout.strip() == "none"
     bridge = f"{SERVER}:9001"
     bulkhead.tool("qvm-features", "sys-tor", "tor-bridge", bridge)
     bulkhead.tool("qvm-prefs", "sys-tor", "netvm", "sys-net")
@@ -292,8 +295,12 @@ def test_sys_tor_lets_nothing_out_but_tor(bulkhead, online, tmp_path):
                      "AutomapHostsOnResolve 1", "User debian-tor", "UseBridges 1",
                      f"Bridge {bridge}"):
             assert line in torrc, line
+        assert "DisableNetwork 1" not in torrc   # the template's placeholder was replaced
         assert "tor" in bulkhead.run("sys-tor", "cat /proc/$(cat /run/tor/tor.pid)/comm",
                                      user="root").stdout
+        # Tor runs as its own user, as Debian's package sets it up
+        assert bulkhead.run("sys-tor", "stat -c %U /proc/$(cat /run/tor/tor.pid)",
+                            user="root").stdout.strip() == "debian-tor"
         sniffer = _sniff_sys_net(bulkhead, online, log)
         # TCP: accepted, by Tor (which has no circuit: nothing comes back)
         r = bulkhead.run("untrusted", "python3 -c \"import socket; "
