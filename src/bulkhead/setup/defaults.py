@@ -69,11 +69,24 @@ def ensure_template(app: App, image: Path, image_key: str, kernel: str,
     return "imported"
 
 
+def _move_to_own_template(app: App, name: str, props: dict[str, Any]) -> None:
+    """An install from before sys-tor had a template of its own: debian-12 has no tor
+    any more, so sys-tor moves to debian-12-tor (when halted; else at the next setup)."""
+    want = props.get("template")
+    if want is None or want not in app.domains:
+        return
+    vm = app.domains[name]
+    if str(getattr(vm, "template", "")) == TEMPLATE and vm.is_halted():
+        with step(f"Moving {name} to the template {want}"):
+            vm.template = want
+
+
 def ensure_default_qubes(app: App, uplink: str = "passt") -> list[str]:
     created = []
     _set_global(app, "default_template", TEMPLATE)
     for name, klass, label, props in DEFAULT_QUBES:
         if name in app.domains:
+            _move_to_own_template(app, name, props)
             continue
         with step(f"Creating {name} ({klass}, {label})"):
             vm = app.add_new_vm(klass, name, label, template=props.get("template", TEMPLATE))
