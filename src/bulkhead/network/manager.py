@@ -4,8 +4,9 @@ For each qube that starts (``QemuLifecycle`` calls in here, in clearly
 separated blocks):
 
 1. :meth:`Network.prepare`, before QEMU is launched: the network devices it
-   gets.  A qube with a netvm gets one virtio-net whose other end (an AF_UNIX
-   datagram socket pair) dom0 keeps, to hand to its netvm's relay.  A qube
+   gets.  A qube with a netvm gets one virtio-net on a link (:mod:`.link`: a
+   tap in a namespace of its own) whose other end, a packet socket, dom0 keeps,
+   to hand to its netvm's relay.  A qube
    that provides network gets a *trunk* towards its own VLAN relay
    (:mod:`.relay`, started now, jailed), and if it has no netvm, its uplink
    (:mod:`.uplink`).  A qube with neither gets no network device at all.
@@ -19,8 +20,9 @@ separated blocks):
 dom0 holds each client's relay-side socket, so moving a running qube to
 another netvm (``property-set:netvm``) is: the old relay drops the VLAN, the
 new relay gets the same socket, both netvms and the qube get their new
-state.  No packet passes through dom0's network stack: the links are socket
-pairs between processes, dom0's namespace has only ``lo``.
+state.  No packet passes through dom0's network stack: the links are taps in
+namespaces of their own (no address, no route, no bridge), dom0's namespace has
+only ``lo``.
 
 Every push sends the qube's *whole* network state, so pushes are idempotent;
 pushes to one qube never overlap, and a push asked for while one runs is done
