@@ -53,7 +53,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +143,7 @@ def builder_spec(spec: MachineSpec, key: str, root: Path, private: Path,
                  volatile: Path, nic_fds: list[int]) -> MachineSpec:
     """The machine whose boot is saved: the qube's shape under a neutral name and qid,
     on the state's frozen root and two placeholder disks, its network devices on
-    sockets that lead nowhere."""
+    links that lead nowhere."""
     disks = (DiskSpec("root", root), DiskSpec("private", private), DiskSpec("volatile", volatile))
     more = {"nics": neutral_nics(spec, nic_fds)} if hasattr(spec, "nics") else {}
     return dataclasses.replace(spec, name=f"boot-state-{key[:12]}", qid=BUILDER_QID,
@@ -171,9 +170,10 @@ def neutral_nics(spec: MachineSpec, fds: list[int] | None = None) -> tuple[Any, 
 
 
 def restorable_nics(spec: MachineSpec) -> bool:
-    """Only links through dom0's relay (datagram sockets) can be given after a restore:
-    a tap or passt uplink is its own device, a netvm with one boots cold."""
-    return all(getattr(n, "kind", "dgram") == "dgram" for n in getattr(spec, "nics", ()))
+    """Only links through dom0's relay can be given after a restore: a tap or passt
+    uplink is its own device, a netvm with one boots cold."""
+    return all(getattr(n, "kind", "dgram") in ("link", "dgram")
+               for n in getattr(spec, "nics", ()))
 
 
 def saved_extra(spec: MachineSpec) -> dict[str, str]:
@@ -370,15 +370,19 @@ class BootStates:
             await qemu_img.create(root, None, backing=root_image.absolute())
             await qemu_img.create(private, PLACEHOLDER_BYTES)
             await qemu_img.create(volatile, PLACEHOLDER_BYTES)
-            nowhere = [socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                       for _ in getattr(spec, "nics", ())]
+            # Links that lead nowhere (nobody reads their packet sockets), of the
+            # qube's kind: a tap's virtio-net offloads are part of the saved state.
+            from .network.link import open_links
+            count = len(getattr(spec, "nics", ()))
+            nowhere = await open_links(count) if count else []
             try:
                 bspec = builder_spec(spec, key, root, private, volatile,
-                                     [s.fileno() for s in nowhere])
+                                     [tap for tap, _pkt in nowhere])
                 machine = await backend.start(bspec, lambda _n, _r: None)
             finally:
-                for s in nowhere:
-                    s.close()
+                for tap, pkt in nowhere:
+                    os.close(tap)
+                    pkt.close()
             from .agentlink import AgentLink
             link = AgentLink(bspec.name, str(machine.agent_socket))
             await link.ensure_ready(BUILD_TIMEOUT)

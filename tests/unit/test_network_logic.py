@@ -34,24 +34,49 @@ def test_addresses_follow_qubes_derivation():
 
 
 # --- the relay's frame rule ------------------------------------------------------------
+VNET0 = bytes(10)   # a virtio-net header with nothing to offload
+
+
+def _aux(vid: int | None, tpid: int = 0x8100) -> bytes:
+    """struct tpacket_auxdata as the kernel reports a frame's removed tag (or none)."""
+    status = 0 if vid is None else frames.TP_STATUS_VLAN_VALID | frames.TP_STATUS_VLAN_TPID_VALID
+    return frames.AUXDATA.pack(status, 0, 0, 0, 0, vid or 0, tpid if vid is not None else 0)
+
+
 def test_a_client_frame_gets_its_tag_and_only_that():
     frame = MAC_B + MAC_A + IPV4 + b"payload"
-    tagged = frames.tag(frame, 7)
-    assert tagged == MAC_B + MAC_A + b"\x81\x00\x00\x07" + IPV4 + b"payload"
-    assert frames.untag(tagged) == (7, frame)
+    tagged = frames.tag(VNET0 + frame, 7)
+    assert tagged == VNET0 + MAC_B + MAC_A + b"\x81\x00\x00\x07" + IPV4 + b"payload"
+    # the kernel takes the tag off on the netvm's side and reports it
+    assert frames.untag(VNET0 + frame, frames.vlan_of(_aux(7))) == (7, VNET0 + frame)
+
+
+def test_a_tag_moves_the_offsets_of_an_offloaded_frame():
+    # NEEDS_CSUM, TCPv4 GSO, header length 54, segment 1448, checksum at 34+16
+    hdr = bytes([1, 1]) + (54).to_bytes(2, "little") + (1448).to_bytes(2, "little") \
+        + (34).to_bytes(2, "little") + (16).to_bytes(2, "little")
+    tagged = frames.tag(hdr + MAC_B + MAC_A + IPV4 + b"x" * 60, 7)
+    assert tagged[:10] == bytes([1, 1]) + (58).to_bytes(2, "little") \
+        + (1448).to_bytes(2, "little") + (38).to_bytes(2, "little") + (16).to_bytes(2, "little")
 
 
 @pytest.mark.parametrize("ethertype", [b"\x81\x00", b"\x88\xa8", b"\x91\x00"])
 def test_a_frame_a_client_tagged_itself_is_dropped(ethertype):
-    assert frames.tag(MAC_B + MAC_A + ethertype + b"\x00\x09" + IPV4 + b"x", 7) is None
+    assert frames.tag(VNET0 + MAC_B + MAC_A + ethertype + b"\x00\x09" + IPV4 + b"x", 7) is None
+    # a tag the kernel took off (reported beside the frame) counts too
+    assert frames.tag(VNET0 + MAC_B + MAC_A + IPV4 + b"x", 7, came_tagged=True) is None
 
 
 def test_frames_from_the_netvm_without_a_usable_tag_are_dropped():
-    assert frames.untag(MAC_A + MAC_B + IPV4 + b"untagged payload") is None
-    assert frames.untag(MAC_A + MAC_B + b"\x81\x00\x00\x00" + IPV4 + b"vid0") is None
-    double = MAC_A + MAC_B + b"\x81\x00\x00\x07" + b"\x81\x00\x00\x08" + IPV4
-    assert frames.untag(double) is None
-    assert frames.tag(b"short", 1) is None and frames.untag(b"short") is None
+    frame = VNET0 + MAC_A + MAC_B + IPV4 + b"payload"
+    assert frames.vlan_of(_aux(None)) == 0
+    assert frames.untag(frame, frames.vlan_of(_aux(None))) is None          # untagged
+    assert frames.untag(frame, frames.vlan_of(_aux(0))) is None             # VLAN 0
+    assert frames.untag(frame, frames.vlan_of(_aux(7, tpid=0x88A8))) is None  # 802.1ad
+    double = VNET0 + MAC_A + MAC_B + b"\x81\x00\x00\x08" + IPV4
+    assert frames.untag(double, 7) is None
+    assert frames.vlan_of(b"short") is None
+    assert frames.tag(b"short", 1) is None and frames.untag(b"short", 1) is None
 
 
 def _control(path) -> socket.socket:
@@ -67,16 +92,33 @@ def _control(path) -> socket.socket:
     return c
 
 
+def _read(tap: int, timeout: float) -> bytes | None:
+    """What QEMU would read from a link's tap (its virtio-net header, then the frame)."""
+    import select
+    if not select.select([tap], [], [], timeout)[0]:
+        return None
+    return os.read(tap, 70000)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="links are taps: root only")
+
+
+@needs_root
 def test_relay_process_keeps_clients_apart(tmp_path):
-    """The real relay process: a client's frame reaches the trunk tagged; a frame tagged
+    """The real relay process on real links (taps in namespaces of their own, written
+    and read as QEMU does): a client's frame reaches the trunk tagged; a frame tagged
     for client 2 reaches client 2 only; untagged and unknown ones reach nobody; a second
     control connection (a restarted daemon) takes over and gets the links back."""
     import array
+    import asyncio
 
+    from bulkhead.network.link import open_links
+
+    (trunk, trunk_relay), = asyncio.run(open_links(1))
+    taps = dict(zip((1, 2), asyncio.run(open_links(2))))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(tmp_path / "relay.sock"))
     listener.listen(2)
-    trunk, trunk_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     proc = subprocess.Popen([sys.executable, "-m", "bulkhead.network.relay",
                              str(listener.fileno()), str(trunk_relay.fileno())],
                             pass_fds=[listener.fileno(), trunk_relay.fileno()])
@@ -85,37 +127,29 @@ def test_relay_process_keeps_clients_apart(tmp_path):
     try:
         control = _control(tmp_path / "relay.sock")
         clients = {}
-        for vid in (1, 2):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for vid, (tap, pkt) in taps.items():
             control.sendmsg([f"add {vid}".encode()],
                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                              array.array("i", [theirs.fileno()]))])
+                              array.array("i", [pkt.fileno()]))])
             assert control.recv(64) == b"ok"
-            theirs.close()
-            ours.settimeout(0.5)
-            clients[vid] = ours
-        trunk.settimeout(2)
+            pkt.close()
+            clients[vid] = tap
         frame = MAC_B + MAC_A + IPV4 + b"from one"
-        clients[1].send(frame)
-        assert trunk.recv(70000) == frames.tag(frame, 1)
-        clients[1].send(MAC_B + MAC_A + b"\x81\x00\x00\x02" + IPV4 + b"hop")   # dropped
+        os.write(clients[1], VNET0 + frame)
+        assert _read(trunk, 2) == frames.tag(VNET0 + frame, 1)
+        os.write(clients[1], VNET0 + MAC_B + MAC_A + b"\x81\x00\x00\x02" + IPV4 + b"hop")
         back = MAC_A + MAC_B + IPV4 + b"to two"
-        trunk.send(frames.tag(back, 2))
-        trunk.send(MAC_A + MAC_B + IPV4 + b"untagged")
-        trunk.send(frames.tag(back, 9))
-        assert clients[2].recv(70000) == back
-        with pytest.raises(socket.timeout):
-            clients[1].recv(70000)
-        with pytest.raises(socket.timeout):
-            clients[2].recv(70000)
-        trunk.settimeout(0.5)
-        with pytest.raises(socket.timeout):
-            trunk.recv(70000)
+        os.write(trunk, frames.tag(VNET0 + back, 2))
+        os.write(trunk, VNET0 + back)                                     # untagged
+        os.write(trunk, frames.tag(VNET0 + back, 9))                      # nobody's
+        assert _read(clients[2], 2) == VNET0 + back
+        assert _read(clients[1], 0.5) is None
+        assert _read(clients[2], 0.5) is None
+        assert _read(trunk, 0.5) is None                                  # the hop: dropped
         # the daemon goes; a new one connects, lists and takes the links back
         control.close()
-        clients[1].send(frame)                                   # still relayed meanwhile
-        trunk.settimeout(2)
-        assert trunk.recv(70000) == frames.tag(frame, 1)
+        os.write(clients[1], VNET0 + frame)                               # still relayed
+        assert _read(trunk, 2) == frames.tag(VNET0 + frame, 1)
         control = _control(tmp_path / "relay.sock")
         control.send(b"list")
         assert control.recv(64) == b"ok 1 2"
@@ -124,14 +158,15 @@ def test_relay_process_keeps_clients_apart(tmp_path):
         assert reply == b"ok" and anc
         control.send(b"del 2")
         assert control.recv(64) == b"ok"
-        trunk.send(frames.tag(back, 2))
-        with pytest.raises(socket.timeout):
-            clients[2].recv(70000)
+        os.write(trunk, frames.tag(VNET0 + back, 2))
+        assert _read(clients[2], 0.5) is None
         control.send(b"quit")
         assert proc.wait(10) == 0
     finally:
         proc.kill()
         proc.wait(10)
+        for fd in [trunk, *clients.values()]:
+            os.close(fd)
 
 
 def test_relay_exits_with_the_qemu_it_watches(tmp_path):

@@ -1,5 +1,6 @@
 """Record every IPv4 packet a device receives (run inside the test internet, on sys-net's
-tap): one line ``PROTO SRC DST DPORT`` each, flushed at once.  ``python3 sniffer.py DEV``."""
+tap): one line ``PROTO SRC DST DPORT`` each, flushed at once; an IPv6 one as the line
+``ipv6 SRC DST NEXTHEADER``.  ``python3 sniffer.py DEV``."""
 
 import socket
 import sys
@@ -13,7 +14,14 @@ def main() -> None:
     s.bind((sys.argv[1], 0))
     while True:
         frame, addr = s.recvfrom(65535)
-        if addr[2] == PACKET_OUTGOING or frame[12:14] != b"\x08\x00":
+        if addr[2] == PACKET_OUTGOING:
+            continue
+        if frame[12:14] == b"\x86\xdd":
+            ip6 = frame[14:]
+            print("ipv6", socket.inet_ntop(socket.AF_INET6, ip6[8:24]),
+                  socket.inet_ntop(socket.AF_INET6, ip6[24:40]), ip6[6], flush=True)
+            continue
+        if frame[12:14] != b"\x08\x00":
             continue
         ip = frame[14:]
         ihl = (ip[0] & 15) * 4

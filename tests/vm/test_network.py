@@ -271,12 +271,61 @@ def _sniff_sys_net(bulkhead, online, log):
     return proc
 
 
+DNS_TCP = ("import socket, struct, sys; "
+           "q = bytes.fromhex('abcd01000001000000000000') + b'\\x03cdn\\x04test\\x00\\x00\\x01\\x00\\x01'; "
+           "c = socket.create_connection((sys.argv[1], 53), 5); "
+           "c.sendall(struct.pack('!H', len(q)) + q); r = c.recv(4096); "
+           "print(socket.inet_ntoa(r[-4:]) if r[2:4] == b'\\xab\\xcd' else 'bad')")
+
+
+def test_dns_over_tcp_through_the_virtual_servers(bulkhead, online):
+    """A client's DNS over TCP to 10.139.1.1 reaches its netvm chain's upstream server
+    (the test internet's), and the answer comes back."""
+    r = bulkhead.run("work", f"python3 -c \"{DNS_TCP}\" 10.139.1.1")
+    assert r.stdout.strip() in (f"{SUBNET}.3", f"{SUBNET}.4"), r.stdout
+
+
+IPV6_SEND = ("import socket, sys; "
+             "socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 9997))")
+
+
+def test_a_client_cannot_leak_over_ipv6(bulkhead, online, tmp_path):
+    """A client that turns IPv6 on and sends straight at its netvm's MAC gets not one
+    IPv6 packet to the uplink: each netvm drops IPv6 from its clients (and speaks none)."""
+    log = tmp_path / "sniffed"
+    sniffer = _sniff_sys_net(bulkhead, online, log)
+    try:
+        bulkhead.run("work", "sysctl -qw net.ipv6.conf.all.disable_ipv6=0 "
+                     "net.ipv6.conf.eth0.disable_ipv6=0; "
+                     "ip -6 addr add 2001:db8:1::5/64 dev eth0 nodad; "
+                     "ip -6 route replace default dev eth0; "
+                     "ip -6 neigh replace 2001:db8:2::1 lladdr fe:ff:ff:ff:ff:ff dev eth0; "
+                     "ip -6 route replace 2001:db8:2::1 dev eth0", user="root")
+        before = bulkhead.run("work", "cat /sys/class/net/eth0/statistics/tx_packets").stdout
+        for _ in range(3):
+            bulkhead.run("work", f"python3 -c \"{IPV6_SEND}\" 2001:db8:2::1", user="root")
+        after = bulkhead.run("work", "cat /sys/class/net/eth0/statistics/tx_packets").stdout
+        assert int(after) >= int(before) + 3, "work did not send its IPv6 packets"
+        bulkhead.run("sys-net", f"python3 -c \"{UDP_SEND}\" {SERVER} 9998", user="root")
+        time.sleep(2)
+    finally:
+        sniffer.kill()
+        bulkhead.run("work", "sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1", user="root",
+                     check=False)
+    sent = log.read_text().splitlines()
+    assert "udp 192.0.2.2 " + SERVER + " 9998" in sent, f"the sniffer saw nothing: {sent}"
+    assert [line for line in sent if line.startswith("ipv6")] == [], sent
+
+
 def test_sys_tor_lets_nothing_out_but_tor(bulkhead, online, tmp_path):
     """A client of sys-tor: its TCP lands in Tor's TransPort, its DNS in Tor's DNSPort,
     and not one packet of its own reaches the uplink: all that sys-net sends into the
     test internet is Tor's own attempts to reach its bridge.  (Tor is given a bridge
     inside the test internet where nothing answers: a test must not reach the real
     Tor network.)"""
+    # sys-tor runs on a template of its own, Debian's tor added; the others have no tor.
+    assert bulkhead.tool("qvm-prefs", "sys-tor", "template").stdout.strip() == "debian-12-tor"
+    assert bulkhead.run("work", "test -e /usr/bin/tor || echo none").stdout.strip() == "none"
     bridge = f"{SERVER}:9001"
     bulkhead.tool("qvm-features", "sys-tor", "tor-bridge", bridge)
     bulkhead.tool("qvm-prefs", "sys-tor", "netvm", "sys-net")
@@ -292,8 +341,12 @@ def test_sys_tor_lets_nothing_out_but_tor(bulkhead, online, tmp_path):
                      "AutomapHostsOnResolve 1", "User debian-tor", "UseBridges 1",
                      f"Bridge {bridge}"):
             assert line in torrc, line
+        assert "DisableNetwork 1" not in torrc   # the template's placeholder was replaced
         assert "tor" in bulkhead.run("sys-tor", "cat /proc/$(cat /run/tor/tor.pid)/comm",
                                      user="root").stdout
+        # Tor runs as its own user, as Debian's package sets it up
+        assert bulkhead.run("sys-tor", "stat -c %U /proc/$(cat /run/tor/tor.pid)",
+                            user="root").stdout.strip() == "debian-tor"
         sniffer = _sniff_sys_net(bulkhead, online, log)
         # TCP: accepted, by Tor (which has no circuit: nothing comes back)
         r = bulkhead.run("untrusted", "python3 -c \"import socket; "

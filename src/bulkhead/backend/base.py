@@ -45,8 +45,9 @@ class DiskSpec:
 class NicSpec:
     """One network device: a virtio-net on a descriptor dom0 made (see bulkhead.network).
 
-    ``kind``: ``dgram`` (an AF_UNIX datagram socket: a link to another qube through
-    dom0's VLAN relay), ``stream`` (a stream socket: passt) or ``tap`` (a tap device)."""
+    ``kind``: ``link`` (a tap in a namespace of its own: a link to another qube through
+    dom0's VLAN relay, bulkhead.network.link), ``dgram`` (an AF_UNIX datagram socket),
+    ``stream`` (a stream socket: passt) or ``tap`` (a tap device: sys-net's uplink)."""
 
     name: str
     mac: str

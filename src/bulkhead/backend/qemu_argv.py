@@ -123,7 +123,7 @@ def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path,
                  "-device", f"virtio-blk-{bus},drive={disk.name},serial={disk.name}"]
     # --- networking: one virtio-net per link, on descriptors dom0 made (bulkhead.network) ---
     for nic in spec.nics:
-        if nic.kind == "tap":
+        if nic.kind in ("tap", "link"):
             netdev = f"tap,id={nic.name},fd={nic.fd},vhost=off"
         elif nic.kind == "stream":
             netdev = f"stream,id={nic.name},addr.type=fd,addr.str={nic.fd}"

@@ -4,8 +4,9 @@ For each qube that starts (``QemuLifecycle`` calls in here, in clearly
 separated blocks):
 
 1. :meth:`Network.prepare`, before QEMU is launched: the network devices it
-   gets.  A qube with a netvm gets one virtio-net whose other end (an AF_UNIX
-   datagram socket pair) dom0 keeps, to hand to its netvm's relay.  A qube
+   gets.  A qube with a netvm gets one virtio-net on a link (:mod:`.link`: a
+   tap in a namespace of its own) whose other end, a packet socket, dom0 keeps,
+   to hand to its netvm's relay.  A qube
    that provides network gets a *trunk* towards its own VLAN relay
    (:mod:`.relay`, started now, jailed), and if it has no netvm, its uplink
    (:mod:`.uplink`).  A qube with neither gets no network device at all.
@@ -19,8 +20,9 @@ separated blocks):
 dom0 holds each client's relay-side socket, so moving a running qube to
 another netvm (``property-set:netvm``) is: the old relay drops the VLAN, the
 new relay gets the same socket, both netvms and the qube get their new
-state.  No packet passes through dom0's network stack: the links are socket
-pairs between processes, dom0's namespace has only ``lo``.
+state.  No packet passes through dom0's network stack: the links are taps in
+namespaces of their own (no address, no route, no bridge), dom0's namespace has
+only ``lo``.
 
 Every push sends the qube's *whole* network state, so pushes are idempotent;
 pushes to one qube never overlap, and a push asked for while one runs is done
@@ -44,23 +46,14 @@ from ..backend import jail
 from ..backend.base import NicSpec
 from ..errors import QubesException, QubesVMError
 from ..guest.fwrules import RuleError
-from . import addressing, uplink as uplinks
+from . import addressing, link as links, uplink as uplinks
 
 log = logging.getLogger("bulkhead.network")
 
 NETCONF_SERVICE = "bulkhead.NetConfig"
 PUSH_TIMEOUT = 60.0
-SOCKET_BUFFER = 4 * 1024 * 1024
 #: the relay's uid within this instance's block of jail uids (qubes have 1..254)
 RELAY_ID = 255
-
-
-def _pair() -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    for s in (a, b):
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            s.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-    return a, b
 
 
 def uplink_mac(qid: int) -> str:
@@ -300,9 +293,9 @@ class Network:
         when one cannot be given after a restore (a tap or passt uplink)."""
         nics = []
         if vm.netvm is not None:
-            nics.append(NicSpec("net0", "", -1))
+            nics.append(NicSpec("net0", "", -1, "link"))
         if vm.provides_network:
-            nics.append(NicSpec("trunk", "", -1))
+            nics.append(NicSpec("trunk", "", -1, "link"))
             if vm.netvm is None:
                 try:
                     mode = uplinks.parse(self._features(vm)).mode
@@ -320,15 +313,20 @@ class Network:
         qemu_fds: list[int] = []
         self._for_qemu[name] = qemu_fds
         try:
+            count = (vm.netvm is not None) + bool(vm.provides_network)
+            try:
+                made = await links.open_links(count) if count else []
+            except links.LinkError as e:
+                raise QubesVMError(vm, f"qube {name!r}: its network links: {e}") from None
             if vm.netvm is not None:
-                qemu_end, ours = _pair()
+                tap, ours = made.pop(0)
                 self.links[name] = ours
-                qemu_fds.append(qemu_end.detach())
-                nics.append(NicSpec("net0", str(vm.mac), qemu_fds[-1]))
+                qemu_fds.append(tap)
+                nics.append(NicSpec("net0", str(vm.mac), tap, "link"))
             if vm.provides_network:
-                qemu_end, relay_end = _pair()
-                qemu_fds.append(qemu_end.detach())
-                nics.append(NicSpec("trunk", addressing.GATEWAY_MAC, qemu_fds[-1]))
+                tap, relay_end = made.pop(0)
+                qemu_fds.append(tap)
+                nics.append(NicSpec("trunk", addressing.GATEWAY_MAC, tap, "link"))
                 self.relays[name] = await RelayProcess.start(
                     name, relay_end, self._relay_uid(),
                     self.paths.log_dir / "network" / f"relay-{name}.log",

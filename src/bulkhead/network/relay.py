@@ -9,8 +9,11 @@ i only, untagged.  What it does to a frame is :mod:`.frames`: a fixed-offset
 header, nothing else is read.  Two clients never see each other's frames:
 there is no path between two client sockets here.
 
-Every link is an AF_UNIX datagram socket pair (one frame a datagram); the
-other end is a QEMU's ``-netdev dgram`` with ``local.type=fd``.  The daemon
+Every link is a tap in a network namespace of its own whose QEMU end carries
+a virtio-net header (so guests keep checksum and segmentation offloads, and a
+frame can be a 64 KiB TCP segment); the relay's end is a packet socket bound to
+that tap (:mod:`.link`), and each read or write is one frame behind its
+virtio-net header.  The daemon
 hands the relay each client's end over its control socket (SCM_RIGHTS) when
 the client starts or moves to this netvm, and takes it away when it stops or
 moves on.  The control socket is a listening one dom0 made (root's, in a
@@ -44,18 +47,17 @@ import select
 import socket
 import sys
 
-from .frames import MAX_FRAME, tag, untag
+from .frames import AUXDATA, MAX_FRAME, VNET_HDR, tag, untag, vlan_of
 
 CONTROL_MAX = 64
-SOCKET_BUFFER = 4 * 1024 * 1024
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+RECV_MAX = VNET_HDR + MAX_FRAME
+AUX_SPACE = socket.CMSG_SPACE(AUXDATA.size)
 
 
 def _tune(sock: socket.socket) -> None:
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
+    # The link helper sized the buffers (as root, beyond rmem_max): leave them.
     sock.setblocking(False)
 
 
@@ -153,38 +155,50 @@ class Relay:
             del self.by_fd[sock.fileno()]
             sock.close()
 
+    def _receive(self, sock: socket.socket) -> tuple[bytes, int | None] | None:
+        """One packet and the VLAN the kernel took off it; None when there is none.
+        A packet too large for the buffer comes back as b"" (dropped)."""
+        try:
+            packet, anc, flags, _addr = sock.recvmsg(RECV_MAX, AUX_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return None
+        aux = None
+        for level, kind, data in anc:
+            if level == SOL_PACKET and kind == PACKET_AUXDATA:
+                aux = data
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            return b"", None
+        return packet, vlan_of(aux)
+
     def from_trunk(self) -> None:
         for _ in range(64):
-            try:
-                frame = self.trunk.recv(MAX_FRAME + 8)
-            except (BlockingIOError, InterruptedError):
+            got = self._receive(self.trunk)
+            if got is None:
                 return
-            except OSError:
-                return
-            found = untag(frame)
+            found = untag(*got)
             if found is None:
                 self.dropped += 1
                 continue
-            vid, inner = found
+            vid, packet = found
             sock = self.clients.get(vid)
             if sock is None:
                 self.dropped += 1
                 continue
             try:
-                sock.send(inner)
+                sock.send(packet)
             except OSError:
                 self.dropped += 1
 
     def from_client(self, vid: int) -> None:
         sock = self.clients[vid]
         for _ in range(64):
-            try:
-                frame = sock.recv(MAX_FRAME + 8)
-            except (BlockingIOError, InterruptedError):
+            got = self._receive(sock)
+            if got is None:
                 return
-            except OSError:
-                return
-            tagged = tag(frame, vid)
+            packet, came_with = got
+            tagged = tag(packet, vid, came_tagged=came_with != 0)
             if tagged is None:
                 self.dropped += 1
                 continue

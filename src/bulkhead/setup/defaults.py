@@ -16,6 +16,7 @@ from ..client.app import App
 from .progress import console, step
 
 TEMPLATE = "debian-12"
+TOR_TEMPLATE = "debian-12-tor"   # sys-tor's: debian-12 and Debian's tor (setup.template.TOR)
 IMAGE_FEATURE = "bulkhead.image"  # which template image the template's root came from
 
 # name, class, label, {property: value}  (None means "no value", i.e. qvm-prefs NAME PROP '')
@@ -27,7 +28,8 @@ DEFAULT_QUBES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("untrusted", "AppVM", "red", {}),
     ("vault", "AppVM", "black", {"netvm": None}),
     # The Tor gateway (Whonix-Gateway's role): halted until a qube uses it as its netvm.
-    ("sys-tor", "AppVM", "purple", {"provides_network": True, "netvm": "sys-firewall"}),
+    ("sys-tor", "AppVM", "purple", {"provides_network": True, "netvm": "sys-firewall",
+                                    "template": TOR_TEMPLATE}),
     ("default-dvm", "AppVM", "red", {"template_for_dispvms": True}),
 ]
 GLOBALS_AFTER = [("default_netvm", "sys-firewall"), ("updatevm", "sys-firewall"),
@@ -45,24 +47,38 @@ def _set_global(app: App, prop: str, value: Any) -> bool:
     return True
 
 
-def ensure_template(app: App, image: Path, image_key: str, kernel: str) -> str:
-    """Create the template if missing; (re)import its root when the image changed."""
+def ensure_template(app: App, image: Path, image_key: str, kernel: str,
+                    name: str = TEMPLATE) -> str:
+    """Create the template ``name`` if missing; (re)import its root when the image changed."""
     _set_global(app, "default_kernel", kernel)
-    if TEMPLATE not in app.domains:
-        with step(f"Creating the template {TEMPLATE}"):
-            app.add_new_vm("TemplateVM", TEMPLATE, "black")
-    vm = app.domains[TEMPLATE]
+    if name not in app.domains:
+        with step(f"Creating the template {name}"):
+            app.add_new_vm("TemplateVM", name, "black")
+    vm = app.domains[name]
     if vm.features.get(IMAGE_FEATURE) == image_key:
         return "up to date"
     if not vm.is_halted():
-        console.print(f"[yellow]![/] {TEMPLATE} runs, so its new root image is not imported now; "
+        console.print(f"[yellow]![/] {name} runs, so its new root image is not imported now; "
                       f"shut it down and run `bulkhead setup` again")
         return "running"
-    with step(f"Importing the root image into {TEMPLATE}"):
-        app.call(TEMPLATE, "bulkhead.vm.volume.ImportFile", "root", str(image).encode())
+    with step(f"Importing the root image into {name}"):
+        app.call(name, "bulkhead.vm.volume.ImportFile", "root", str(image).encode())
         vm.features[IMAGE_FEATURE] = image_key
-    _set_global(app, "default_template", TEMPLATE)
+    if name == TEMPLATE:
+        _set_global(app, "default_template", TEMPLATE)
     return "imported"
+
+
+def _move_to_own_template(app: App, name: str, props: dict[str, Any]) -> None:
+    """An install from before sys-tor had a template of its own: debian-12 has no tor
+    any more, so sys-tor moves to debian-12-tor (when halted; else at the next setup)."""
+    want = props.get("template")
+    if want is None or want not in app.domains:
+        return
+    vm = app.domains[name]
+    if str(getattr(vm, "template", "")) == TEMPLATE and vm.is_halted():
+        with step(f"Moving {name} to the template {want}"):
+            vm.template = want
 
 
 def ensure_default_qubes(app: App, uplink: str = "passt") -> list[str]:
@@ -70,10 +86,13 @@ def ensure_default_qubes(app: App, uplink: str = "passt") -> list[str]:
     _set_global(app, "default_template", TEMPLATE)
     for name, klass, label, props in DEFAULT_QUBES:
         if name in app.domains:
+            _move_to_own_template(app, name, props)
             continue
         with step(f"Creating {name} ({klass}, {label})"):
-            vm = app.add_new_vm(klass, name, label, template=TEMPLATE)
+            vm = app.add_new_vm(klass, name, label, template=props.get("template", TEMPLATE))
             for prop, value in props.items():
+                if prop == "template":
+                    continue
                 setattr(vm, prop, value)
             if name == "sys-net":
                 # sys-net's uplink (bulkhead.network.uplink): a new install's choice.

@@ -21,9 +21,10 @@ from .progress import SetupError, console, step
 
 
 def prepare(paths: Paths, install_packages: bool = True) -> tuple[Path, str, Path, str]:
-    """Host packages, the qube kernel and the template image: everything but the daemon.
+    """Host packages, the qube kernel and the template images: everything but the daemon.
 
-    Returns (kernel image, kernel version, template image, template image key).
+    Returns (kernel image, kernel version, debian-12's image, its key); the other
+    templates' images (:data:`template.FLAVOURS`) are built and cached too.
     """
     for d in (paths.home, paths.cache, paths.log_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -34,6 +35,9 @@ def prepare(paths: Paths, install_packages: bool = True) -> tuple[Path, str, Pat
     kid = kernel.install(paths, vmlinux)
     template.verify_tools()
     image = template.build_image(paths)
+    for flavour in template.FLAVOURS:
+        if flavour != template.BASE:
+            template.build_image(paths, flavour)
     return vmlinux, kid, image, template.image_key()
 
 
@@ -111,6 +115,9 @@ def run_setup(paths: Paths, install_packages: bool = True, default_qubes: bool =
     app = App(Connection(str(paths.socket)))
     ensure_template(app, image, key, kid)
     if default_qubes:
+        # sys-tor's template (a default qube's): its image was built and cached above.
+        ensure_template(app, template.build_image(paths, template.TOR),
+                        template.image_key(template.TOR), kid, template.TOR.name)
         ensure_default_qubes(app, uplink=uplink)
         ensure_boot_state(app, "default-dvm")
     console.print(f"[bold]Bulkhead is set up[/] in {time.monotonic() - start:.0f} s. "

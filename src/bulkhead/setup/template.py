@@ -1,4 +1,5 @@
-"""Building the ``debian-12`` template's root image from Debian's packages.
+"""Building the templates' root images from Debian's packages: ``debian-12``, and
+``debian-12-tor`` (the same plus Debian's ``tor``: sys-tor's, the Tor gateway's).
 
 Two cached stages, so that changing the guest agent does not mean downloading
 Debian again:
@@ -11,6 +12,12 @@ Debian again:
    scripts), made into an ext4 filesystem by ``mke2fs -d`` and a qcow2.  Keyed
    by the rootfs key and the guest files' content.
 
+``debian-12-tor`` is derived, not built again: its rootfs is a copy of
+``debian-12``'s in which ``apt-get install tor`` ran (a few MB downloaded), keyed
+by the base's key and its packages; its image adds a torrc that keeps Tor off
+the network until the gateway is configured.  Both are cached like the base,
+so a second setup (and every test instance) finds them.
+
 The guest boots busybox init (``/usr/lib/bulkhead/init``): ``rc.sysinit``
 mounts what Qubes mounts (``/rw`` with ``/home`` and ``/usr/local`` on it),
 then the agent starts and says HELLO to dom0.
@@ -18,6 +25,7 @@ then the agent starts and says HELLO to dom0.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -37,7 +45,6 @@ PACKAGES = [
     "passwd", "sudo",   # the user `user`, root through sudo as in Qubes
     "iproute2", "nftables",  # networking and firewall qubes
     "conntrack",        # a firewall qube flushes the connections its new rules forbid
-    "tor",              # sys-tor, the Tor gateway (in the role of Whonix-Gateway)
     "apt", "procps",
     # --- GUI (issue 10): an X server with no screen, the GUI agent's X library, and
     # what a user tries first: a terminal, a text editor (xedit, in x11-apps), an
@@ -97,6 +104,35 @@ GUEST_FILES = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Flavour:
+    """A template built from the base: more packages (apt, in a copy of the base's
+    root filesystem) and more files."""
+
+    name: str
+    packages: tuple[str, ...] = ()
+    files: tuple[tuple[str, str, int], ...] = ()
+
+
+BASE = Flavour("debian-12")
+#: sys-tor's template, in the role of Whonix-Gateway's: Debian's tor and its torrc
+TOR = Flavour("debian-12-tor", ("tor",), (("guest/files/torrc", "etc/tor/torrc", 0o644),))
+FLAVOURS = (BASE, TOR)
+# Run on the host with $1 = a copy of the base root; installs "$2..." from Debian.
+ADD_PACKAGES = r"""set -e
+root=$1; shift
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"   # start no service
+chmod 755 "$root/usr/sbin/policy-rc.d"
+cp "$root/etc/resolv.conf" "$root/etc/resolv.conf.base" 2>/dev/null || true
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+chroot "$root" apt-get -q update
+DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -q -y --no-install-recommends install "$@"
+chroot "$root" apt-get clean
+rm -rf "$root"/var/lib/apt/lists/* "$root/usr/sbin/policy-rc.d"
+mv "$root/etc/resolv.conf.base" "$root/etc/resolv.conf" 2>/dev/null || rm -f "$root/etc/resolv.conf"
+"""
+
+
 def _digest(*parts: bytes) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -105,17 +141,22 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:12]
 
 
-def rootfs_key() -> str:
-    return _digest(RECIPE_VERSION.encode(), SUITE.encode(), "\0".join(PACKAGES).encode(),
+def rootfs_key(flavour: Flavour = BASE) -> str:
+    base = _digest(RECIPE_VERSION.encode(), SUITE.encode(), "\0".join(PACKAGES).encode(),
                    "\0".join(CUSTOMIZE_HOOKS + DPKG_EXCLUDES).encode())
+    if flavour == BASE:
+        return base
+    return _digest(base.encode(), "\0".join(flavour.packages).encode(), ADD_PACKAGES.encode())
 
 
 def _guest_file(rel: str) -> bytes:
     return resources.files("bulkhead").joinpath(rel).read_bytes()
 
 
-def image_key() -> str:
-    return _digest(rootfs_key().encode(), *(src.encode() + _guest_file(src) for src, _, _ in GUEST_FILES))
+def image_key(flavour: Flavour = BASE) -> str:
+    return _digest(rootfs_key(flavour).encode(),
+                   *(src.encode() + dst.encode() + _guest_file(src)
+                     for src, dst, _ in GUEST_FILES + list(flavour.files)))
 
 
 def mirrors() -> list[str]:
@@ -135,12 +176,14 @@ def mirrors() -> list[str]:
             f"deb {security} {SUITE}-security main"]
 
 
-def build_rootfs(paths: Paths) -> Path:
-    key = rootfs_key()
-    dest = paths.cache / "rootfs" / f"debian-12-{key}"
+def build_rootfs(paths: Paths, flavour: Flavour = BASE) -> Path:
+    key = rootfs_key(flavour)
+    dest = paths.cache / "rootfs" / f"{flavour.name}-{key}"
     if (dest / "usr/bin/python3").exists():
-        console.print(f"[green]✓[/] Debian root filesystem {key}: cached")
+        console.print(f"[green]✓[/] {flavour.name} root filesystem {key}: cached")
         return dest
+    if flavour != BASE:
+        return _derive_rootfs(paths, flavour, dest)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -158,24 +201,42 @@ def build_rootfs(paths: Paths) -> Path:
     return dest
 
 
-def build_image(paths: Paths) -> Path:
-    """Build (or find cached) the template's root image; returns the cached qcow2."""
-    key = image_key()
-    image = paths.cache / "templates" / f"debian-12-{key}.qcow2"
+def _derive_rootfs(paths: Paths, flavour: Flavour, dest: Path) -> Path:
+    """The base's root filesystem, copied, with ``flavour``'s packages installed."""
+    base = build_rootfs(paths, BASE)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log = paths.log_dir / "template-build.log"
+    with step(f"Building {flavour.name}'s root filesystem: the base and "
+              f"{', '.join(flavour.packages)} (once)") as s:
+        s.run(["cp", "-a", "--reflink=auto", str(base), str(tmp)], log,
+              what="copying the root filesystem")
+        s.run(["sh", "-c", ADD_PACKAGES, "add-packages", str(tmp), *flavour.packages], log,
+              what="apt-get install")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    return dest
+
+
+def build_image(paths: Paths, flavour: Flavour = BASE) -> Path:
+    """Build (or find cached) a template's root image; returns the cached qcow2."""
+    key = image_key(flavour)
+    image = paths.cache / "templates" / f"{flavour.name}-{key}.qcow2"
     if image.exists():
-        console.print(f"[green]✓[/] debian-12 template image {key}: cached")
+        console.print(f"[green]✓[/] {flavour.name} template image {key}: cached")
         return image
-    rootfs = build_rootfs(paths)
+    rootfs = build_rootfs(paths, flavour)
     log = paths.log_dir / "template-build.log"
     # Per process: two builds side by side (two checkouts sharing a cache) must not
     # copy into each other's staging tree.
     staging = paths.cache / "templates" / f"staging-{key}-{os.getpid()}"
     raw = staging.with_suffix(".raw")
-    with step("Installing Bulkhead's guest agent and making the template image") as s:
+    with step(f"Installing Bulkhead's guest agent and making the {flavour.name} image") as s:
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
         s.run(["cp", "-a", str(rootfs), str(staging)], log, what="copying the root filesystem")
-        for src, dst, mode in GUEST_FILES:
+        for src, dst, mode in GUEST_FILES + list(flavour.files):
             target = staging / dst
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(_guest_file(src))
@@ -196,14 +257,16 @@ def build_image(paths: Paths) -> Path:
         raw.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         s.note = f"{image.stat().st_size // 2**20} MiB"
-    _prune(paths.cache / "templates", keep=image)
+    _prune(paths.cache / "templates", flavour, keep=image)
     return image
 
 
-def _prune(directory: Path, keep: Path, newest: int = 3) -> None:
-    """Drop older images: each is ~200 MiB.  The few newest stay, for other
-    checkouts that share this cache and build another revision."""
-    images = sorted((p for p in directory.glob("debian-12-*.qcow2") if p != keep),
+def _prune(directory: Path, flavour: Flavour, keep: Path, newest: int = 3) -> None:
+    """Drop older images of this flavour: each is ~300 MiB.  The few newest stay, for
+    other checkouts that share this cache and build another revision."""
+    import re
+    mine = re.compile(re.escape(flavour.name) + r"-[0-9a-f]{12}\.qcow2")
+    images = sorted((p for p in directory.iterdir() if mine.fullmatch(p.name) and p != keep),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for p in images[newest - 1:]:
         p.unlink(missing_ok=True)
