@@ -29,6 +29,7 @@ import ctypes.util
 import os
 import pwd
 import select
+import subprocess
 import sys
 import time
 
@@ -108,7 +109,9 @@ class Agent:
         self.dirty = {}              # wid -> [x0, y0, x1, y1]
         self.clip_owned = None       # (kind, data) we serve as CLIPBOARD owner
         self.clip_pending = None     # "targets" | "text" | "png" while fetching for dom0
+        self.keymap = None           # dom0's XKB names, checked (gui_protocol.check_keymap_names)
         self.d = None
+        self.xpid = 0
 
     # --- the port ------------------------------------------------------------
     def send(self, mtype, wid, payload=b""):
@@ -164,6 +167,7 @@ class Agent:
     # --- X ---------------------------------------------------------------------
     def start_x(self):
         w, h = self.screen or DEFAULT_SCREEN
+        self.max_screen = (w, h)   # Xvfb's framebuffer: RandR can shrink the screen, not grow it
         sock = "/tmp/.X11-unix/X" + DISPLAY.lstrip(":")
         if os.path.exists(sock):
             try:
@@ -171,6 +175,7 @@ class Agent:
             except OSError:
                 pass
         pid = os.fork()
+        self.xpid = pid
         if pid == 0:
             try:
                 null = os.open("/dev/null", os.O_RDWR)
@@ -191,6 +196,66 @@ class Agent:
         if self.d is None:
             raise RuntimeError("Xvfb did not start")
         self.setup_x()
+        self.apply_keymap()
+
+    def stop_x(self):
+        try:
+            self.d.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self.d = None
+        _libc.shmdt(ctypes.c_void_p(self.shm.addr))
+        try:
+            os.kill(self.xpid, 15)
+            os.waitpid(self.xpid, 0)
+        except OSError:
+            pass
+        self.wins.clear()
+        self.dirty.clear()
+        self.clip_owned = self.clip_pending = None
+
+    def fit_screen(self):
+        """Make the X screen the size of the user's (dom0's HELLO came after X started)."""
+        w, h = self.screen
+        if (w, h) == self.screen_size:
+            return
+        if w <= self.max_screen[0] and h <= self.max_screen[1]:
+            # Xvfb's one CRTC spans the initial size: off first, or the smaller screen is refused.
+            d, root = self.d, self.root
+            res = root.xrandr_get_screen_resources()
+            for crtc in res.crtcs:
+                d.xrandr_set_crtc_config(crtc, res.config_timestamp, 0, 0, 0, 1, [])
+            root.xrandr_set_screen_size(w, h, w * 254 // 960, h * 254 // 960)   # 96 dpi
+            d.sync()
+            g = root.get_geometry()
+            self.screen_size = (g.width, g.height)
+            log("screen resized to %dx%d" % self.screen_size)
+        elif not [c for c in self.root.query_tree().children if c.id != self.helper.id]:
+            # Larger than Xvfb can grow, and nothing runs on it yet: start it afresh.
+            self.stop_x()
+            self.start_x()
+            log("X restarted at %dx%d" % self.screen_size)
+        else:
+            log("screen kept at %dx%d (dom0's is %dx%d; windows are open)"
+                % (self.screen_size + (w, h)))
+
+    def apply_keymap(self):
+        """The user's XKB layout (names dom0 sent, checked) on our X server: setxkbmap."""
+        if self.keymap is None or self.d is None:
+            return
+        rules, model, layout, variant, options = self.keymap
+        argv = ["setxkbmap", "-display", DISPLAY, "-rules", rules, "-layout", layout]
+        argv += ["-model", model] if model else []
+        argv += ["-variant", variant] if variant else []
+        argv += ["-option", ""] + (["-option", options] if options else [])
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, timeout=30, check=False)
+            err = r.stderr.decode("utf-8", "replace").strip()
+            log("keyboard layout %s: %s" % (",".join(self.keymap),
+                                            "applied" if r.returncode == 0 else "failed: " + err))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log("setxkbmap failed: %s" % e)
 
     def setup_x(self):
         from Xlib.ext import composite, damage, xtest  # noqa: F401,PLC0415 -- register them
@@ -415,9 +480,14 @@ class Agent:
             for w in self.wins.values():
                 w["announced"] = False
             if self.d is not None:
+                self.fit_screen()
                 for wid, w in list(self.wins.items()):
                     if w["mapped"]:
                         self.announce(wid)
+            return
+        if mtype == G.D_KEYMAP:
+            self.keymap = G.unpack_keymap(payload)
+            self.apply_keymap()
             return
         if self.d is None or not self.connected:
             return
@@ -545,8 +615,8 @@ class Agent:
 
     # --- the loop --------------------------------------------------------------------
     def run(self):
-        xfd = self.d.fileno()
         while True:
+            xfd = self.d.fileno()   # anew each time: fit_screen may restart X
             p = select.poll()
             p.register(xfd, select.POLLIN)
             if not self.hung_up or self.connected:
