@@ -24,8 +24,6 @@ legitimate window never trips dom0's checks: windows larger than the limits
 are not shown, nor windows past the maximum count.
 """
 
-import ctypes
-import ctypes.util
 import os
 import pwd
 import select
@@ -34,6 +32,9 @@ import sys
 import time
 
 from . import gui_protocol as G
+from .gui_selection import SelectionMixin
+from .gui_shm import ShmSegment
+from .gui_shm import requests as shm_requests
 
 # The display the agent's X server takes (another for tests that run the agent on a host).
 DISPLAY = os.environ.get("BULKHEAD_GUI_DISPLAY", ":0")
@@ -69,33 +70,7 @@ def find_port():
     return None
 
 
-# --- System V shared memory through ctypes (for MIT-SHM) -------------------------
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.shmat.restype = ctypes.c_void_p
-_libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
-IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
-
-
-class ShmSegment:
-    def __init__(self, size):
-        self.size = size
-        self.shmid = _libc.shmget(IPC_PRIVATE, size, IPC_CREAT | 0o600)
-        if self.shmid < 0:
-            raise OSError(ctypes.get_errno(), "shmget")
-        addr = _libc.shmat(self.shmid, None, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "shmat")
-        self.addr = addr
-
-    def remove(self):
-        # Marked for removal: it goes when the X server and we detach (or exit).
-        _libc.shmctl(self.shmid, IPC_RMID, None)
-
-    def read(self, n):
-        return ctypes.string_at(self.addr, n)
-
-
-class Agent:
+class Agent(SelectionMixin):
     def __init__(self, port_fd):
         from Xlib import X  # noqa: PLC0415 -- after the port is open: imports cost seconds
         self.X = X
@@ -204,7 +179,7 @@ class Agent:
         except Exception:  # noqa: BLE001
             pass
         self.d = None
-        _libc.shmdt(ctypes.c_void_p(self.shm.addr))
+        self.shm.detach()
         try:
             os.kill(self.xpid, 15)
             os.waitpid(self.xpid, 0)
@@ -547,72 +522,6 @@ class Agent:
         else:
             w["win"].kill_client()   # what a window manager does for a window without the protocol
 
-    # --- clipboard -----------------------------------------------------------------
-    def clip_fetch(self):
-        a = self.atoms
-        if self.clip_owned is not None:   # our own (pasted) clipboard
-            kind, data = self.clip_owned
-            self.send(G.G_CLIPBOARD, 0, bytes([kind]) + data)
-            return
-        owner = self.d.get_selection_owner(a["CLIPBOARD"])
-        if not owner:
-            self.send(G.G_CLIPBOARD, 0, bytes([G.CLIP_TEXT]))
-            return
-        self.clip_pending = "targets"
-        self.clip_deadline = time.monotonic() + 2.0
-        self.helper.convert_selection(a["CLIPBOARD"], a["TARGETS"], a["BULKHEAD_CLIP"], self.X.CurrentTime)
-
-    def clip_timeout(self):
-        if self.clip_pending and time.monotonic() > self.clip_deadline:
-            self.clip_pending = None
-            self.send(G.G_CLIPBOARD, 0, bytes([G.CLIP_TEXT]))
-
-    def selection_notify(self, ev):
-        a = self.atoms
-        if self.clip_pending is None:
-            return
-        prop = None
-        if ev.property != self.X.NONE:
-            prop = self.helper.get_full_property(a["BULKHEAD_CLIP"], self.X.AnyPropertyType,
-                                                 G.CLIPBOARD_MAX)
-        if self.clip_pending == "targets":
-            targets = list(prop.value) if prop is not None and prop.format == 32 else []
-            self.clip_pending = "png" if a["image/png"] in targets else "text"
-            target = a["image/png"] if self.clip_pending == "png" else a["UTF8_STRING"]
-            self.helper.convert_selection(a["CLIPBOARD"], target, a["BULKHEAD_CLIP"], self.X.CurrentTime)
-            return
-        kind = G.CLIP_PNG if self.clip_pending == "png" else G.CLIP_TEXT
-        self.clip_pending = None
-        data = b""
-        if prop is not None and prop.property_type != a["INCR"]:
-            v = prop.value
-            data = v if isinstance(v, bytes) else (v.encode() if isinstance(v, str) else bytes(v))
-        self.send(G.G_CLIPBOARD, 0, bytes([kind]) + data[:G.CLIPBOARD_MAX])
-
-    def selection_request(self, ev):
-        from Xlib import Xatom  # noqa: PLC0415
-        from Xlib.protocol import event  # noqa: PLC0415
-        a = self.atoms
-        X = self.X
-        prop = ev.property if ev.property != X.NONE else ev.target
-        ok = False
-        if self.clip_owned is not None and ev.selection == a["CLIPBOARD"]:
-            kind, data = self.clip_owned
-            if ev.target == a["TARGETS"]:
-                targets = [a["TARGETS"]] + ([a["image/png"]] if kind == G.CLIP_PNG else
-                                            [a["UTF8_STRING"], a["STRING"], a["TEXT"]])
-                ev.requestor.change_property(prop, Xatom.ATOM, 32, targets)
-                ok = True
-            elif kind == G.CLIP_PNG and ev.target == a["image/png"]:
-                ev.requestor.change_property(prop, a["image/png"], 8, data)
-                ok = True
-            elif kind == G.CLIP_TEXT and ev.target in (a["UTF8_STRING"], a["STRING"], a["TEXT"]):
-                ev.requestor.change_property(prop, a["UTF8_STRING"], 8, data)
-                ok = True
-        reply = event.SelectionNotify(time=ev.time, requestor=ev.requestor, selection=ev.selection,
-                                      target=ev.target, property=prop if ok else X.NONE)
-        ev.requestor.send_event(reply)
-
     # --- the loop --------------------------------------------------------------------
     def run(self):
         while True:
@@ -659,25 +568,7 @@ class Agent:
         self.d.flush()
 
 
-def _shm_requests():
-    from Xlib.protocol import rq  # noqa: PLC0415
-
-    class _ShmAttach(rq.Request):
-        _request = rq.Struct(rq.Card8("opcode"), rq.Opcode(1), rq.RequestLength(),
-                             rq.Card32("shmseg"), rq.Card32("shmid"), rq.Bool("read_only"),
-                             rq.Pad(3))
-
-    class _ShmGetImage(rq.ReplyRequest):
-        _request = rq.Struct(rq.Card8("opcode"), rq.Opcode(4), rq.RequestLength(),
-                             rq.Drawable("drawable"), rq.Int16("x"), rq.Int16("y"),
-                             rq.Card16("width"), rq.Card16("height"), rq.Card32("plane_mask"),
-                             rq.Card8("format"), rq.Pad(3), rq.Card32("shmseg"), rq.Card32("offset"))
-        _reply = rq.Struct(rq.ReplyCode(), rq.Card8("depth"), rq.Card16("sequence_number"),
-                           rq.ReplyLength(), rq.Card32("visual"), rq.Card32("size"), rq.Pad(16))
-    return _ShmAttach, _ShmGetImage
-
-
-ShmAttach = ShmGetImage = None
+ShmAttach = ShmGetImage = None   # the MIT-SHM requests, declared in main once Xlib is in
 
 
 def main():
@@ -695,7 +586,7 @@ def main():
     os.environ.update(HOME=pw.pw_dir, USER="user", DISPLAY=DISPLAY)
     agent = Agent(fd)
     agent.wait_hello(HELLO_WAIT)
-    ShmAttach, ShmGetImage = _shm_requests()
+    ShmAttach, ShmGetImage = shm_requests()
     agent.start_x()
     agent.run()
     return 0
