@@ -110,3 +110,41 @@ def test_global_clipboard_is_taken_once(tmp_path):
     assert clip.take() is None
     with pytest.raises(ValueError):
         clip.put("work", G.CLIP_TEXT, b"x" * (G.CLIPBOARD_MAX + 1))
+
+
+# --- D_KEYMAP: XKB names dom0 reads from the user's display, setxkbmap's argv in the qube ---
+
+@pytest.mark.parametrize("names", [
+    ("evdev", "pc105", "de", "", ""),
+    ("evdev", "", "us,de", ",nodeadkeys", "grp:alt_shift_toggle,compose:ralt"),
+    ("base", "pc104", "gb", "extd", ""),
+])
+def test_plain_keymap_names_pass_both_ways(names):
+    assert G.unpack_keymap(G.pack_keymap(names)) == names
+
+
+@pytest.mark.parametrize("names", [
+    ("evdev", "pc105", "../../etc/passwd", "", ""),   # a path
+    ("evdev", "pc105", "de", "-print", ""),           # would read as an option
+    ("evdev", "pc105", "de", "", "a;reboot"),         # a shell character
+    ("evdev", "pc105", "de", "", "x" * 65),           # too long
+    ("evdev", "pc105", "", "", ""),                   # no layout
+    ("", "pc105", "de", "", ""),                      # no rules
+    ("evdev", "pc105", "de", ""),                     # four names
+    ("evdev", "pc105", "d\u00e9", "", ""),            # not ASCII
+])
+def test_odd_keymap_names_are_refused(names):
+    with pytest.raises(Violation):
+        G.check_keymap_names(names)
+
+
+def test_keymap_payload_bounds():
+    with pytest.raises(Violation):
+        G.unpack_keymap("evdev\0pc105\0d\u00e9\0\0".encode("utf-8"))
+    with pytest.raises(Violation):
+        G.unpack_keymap(b"evdev\0pc105\0de\0\0\0extra")
+    G.check_header(G.D_KEYMAP, 0, 0, G.MAX_SIZE[G.D_KEYMAP], G.FROM_DOM0)
+    with pytest.raises(Violation):
+        G.check_header(G.D_KEYMAP, 0, 0, G.MAX_SIZE[G.D_KEYMAP] + 1, G.FROM_DOM0)
+    with pytest.raises(Violation):
+        G.check_header(G.D_KEYMAP, 0, 7, 10, G.FROM_DOM0)   # about the connection: window 0

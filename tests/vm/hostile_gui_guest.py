@@ -26,7 +26,7 @@ def create(wid, x=10, y=10, w=40, h=30):
     return msg(CREATE, wid, struct.pack("<iiIII", x, y, w, h, 0))
 
 
-HELLO_MSG = msg(HELLO, 0, struct.pack("<I", 1))
+HELLO_MSG = msg(HELLO, 0, struct.pack("<I", 2))   # gui_protocol.VERSION
 ATTACKS = {
     "garbage": b"\x13\x37garbage that is not a frame\xff\xfe\x00\x01" * 4,
     "huge": HELLO_MSG + create(0x100, w=100000, h=100000),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gui_helpers import UserDisplay, start_daemon, stop
+from gui_helpers import SCREEN, UserDisplay, start_daemon, stop
 
 pytestmark = pytest.mark.vm
 
@@ -189,6 +189,139 @@ def test_close_asks_the_qube_and_a_stopped_qube_takes_its_windows(bulkhead, desk
     finally:
         for p in procs:
             p.kill()
+
+
+QUBE_WINDOWS = r"""
+from Xlib import display
+d = display.Display(":0")
+s = d.screen()
+print("screen %dx%d" % (s.width_in_pixels, s.height_in_pixels))
+for w in s.root.query_tree().children:
+    c = w.get_wm_class()
+    if c and c[1] == "XTerm" and w.get_attributes().map_state == 2:
+        g = w.get_geometry()
+        print("xterm %d %d %d %d" % (g.x, g.y, g.width, g.height))
+"""
+
+
+def in_qube_x(bulkhead, qube: str) -> list[str]:
+    """What the qube's own X server says: its screen size, its mapped xterms' geometry."""
+    return bulkhead.run(qube, "python3 -", input=QUBE_WINDOWS).stdout.splitlines()
+
+
+def test_the_qube_screen_is_the_user_screen(bulkhead, desktop):
+    # The qubes started before qvm-start-daemon: their X began at a default size and
+    # took the display's when dom0's GUI daemon said it.
+    display, _, _ = desktop
+    want = "screen %dx%d" % SCREEN
+    assert SCREEN != (1920, 1080)   # not the agent's default: the test could not fail
+    for q in ("work", "personal"):
+        display.wait_for(lambda: want in in_qube_x(bulkhead, q), 30, f"{q}'s screen at {want}")
+
+
+def test_moving_and_resizing_in_dom0_reaches_the_qube(bulkhead, desktop):
+    display, _, _ = desktop
+    bulkhead.run("work", "pkill xterm; true")
+    display.wait_for(lambda: not display.windows("[work]"), 30, "old windows to go")
+    proc = open_xterm(bulkhead, "work", "/tmp/m")
+    try:
+        w = display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")[0]
+        display.wait_for(lambda: any(line.startswith("xterm ") for line in in_qube_x(bulkhead, "work")),
+                         30, "work's xterm")
+        before = [line for line in in_qube_x(bulkhead, "work") if line.startswith("xterm ")]
+        display.xdotool("windowsize", str(w.id), "520", "330")
+        display.xdotool("windowmove", str(w.id), "300", "200")
+        # dom0's frame is BORDER (4) pixels around the qube's window.
+        want = "xterm 304 204 512 322"
+        assert want not in before
+        display.wait_for(lambda: want in in_qube_x(bulkhead, "work"), 30,
+                         f"the qube's window at {want} (was {before})")
+        # ...and the qube's answer (its ConfigureNotify) leaves dom0's frame where the user put it.
+        time.sleep(1)
+        assert display.geometry(w) == (300, 200, 520, 330)
+    finally:
+        proc.kill()
+
+
+def test_keys_follow_the_user_keyboard_layout(bulkhead, desktop):
+    display, logs, _ = desktop
+    bulkhead.run("work", "pkill xterm; true")
+    display.wait_for(lambda: not display.windows("[work]"), 30, "old windows to go")
+    # German: the keys y/z swap, and - and # sit where US has / and \.  A qube still on
+    # US would write "yz/\".
+    subprocess.run(["setxkbmap", "-display", display.name, "de"], check=True, timeout=30)
+    try:
+        display.wait_for(lambda: "keyboard layout evdev,pc105,de,," in
+                         (logs / "guid.work.log").read_text(), 30, "dom0 to tell work the layout")
+        display.wait_for(lambda: "layout:     de" in bulkhead.run(
+            "work", "DISPLAY=:0 setxkbmap -query").stdout, 60, "work's X server in German")
+        proc = open_xterm(bulkhead, "work", "/tmp/typed")
+        try:
+            w = display.wait_for(lambda: display.windows("[work]"), 120, "a [work] window")[0]
+            time.sleep(2)   # xterm ready to read its keyboard
+            display.xdotool("windowfocus", "--sync", str(w.id))
+            display.xdotool("type", "--delay", "30", "zy-#")
+            display.xdotool("key", "Return")
+            display.wait_for(lambda: read_file(bulkhead, "work", "/tmp/typed").endswith("\n"), 30,
+                             "typed text in work")
+            assert read_file(bulkhead, "work", "/tmp/typed") == "zy-#\n"
+        finally:
+            proc.kill()
+    finally:
+        subprocess.run(["setxkbmap", "-display", display.name, "us"], check=True, timeout=30)
+    display.wait_for(lambda: "layout:     us" in bulkhead.run(
+        "work", "DISPLAY=:0 setxkbmap -query").stdout, 60, "work's X server back in US")
+
+
+ECHO_SERVICE = "#!/bin/sh\necho \"from=$QREXEC_REMOTE_DOMAIN\"\ncat\n"
+
+
+def test_qrexec_ask_is_a_dialog_on_the_display(bulkhead, desktop):
+    import threading
+    display, _, _ = desktop
+    policy = bulkhead.home / "policy.d"
+    policy.mkdir(exist_ok=True)
+    (policy / "10-gui-ask.policy").write_text("test.GuiAsk * work personal ask\n"
+                                              "test.GuiAsk * @anyvm @anyvm deny\n")
+    bulkhead.run("personal", "mkdir -p /usr/local/etc/qubes-rpc && "
+                             "cat > /usr/local/etc/qubes-rpc/test.GuiAsk && "
+                             "chmod +x /usr/local/etc/qubes-rpc/test.GuiAsk",
+                 user="root", input=ECHO_SERVICE)
+
+    def call() -> dict[str, str]:
+        result: dict[str, str] = {}
+
+        def run() -> None:
+            result["out"] = bulkhead.run(
+                "work", "echo hello | qrexec-client-vm personal test.GuiAsk; echo rc=$?",
+                check=False).stdout
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        result["thread"] = t  # type: ignore[assignment]
+        return result
+
+    def answer(key: str) -> None:
+        dialog = display.wait_for(lambda: display.windows("Bulkhead: qrexec call"), 60,
+                                  "the ask dialog")[0]
+        display.xdotool("windowfocus", "--sync", str(dialog.id))
+        display.xdotool("key", key)
+        display.wait_for(lambda: not display.windows("Bulkhead: qrexec call"), 30,
+                         "the dialog to close")
+
+    try:
+        allowed = call()
+        answer("Return")
+        allowed["thread"].join(120)  # type: ignore[attr-defined]
+        assert allowed.get("out") == "from=work\nhello\nrc=0\n", allowed
+        refused = call()
+        answer("Escape")
+        refused["thread"].join(120)  # type: ignore[attr-defined]
+        assert refused.get("out", "").endswith("rc=126\n"), refused
+        lines = [line for line in (bulkhead.home / "log" / "qrexec.log").read_text().splitlines()
+                 if "ask source=work target=personal service=test.GuiAsk" in line]
+        assert [line.rsplit(" ", 1)[1] for line in lines[-2:]] == ["answer=personal", "answer=deny"]
+    finally:
+        (policy / "10-gui-ask.policy").unlink(missing_ok=True)
 
 
 def test_confirm_before_paste_refused(bulkhead, desktop, tmp_path):

@@ -24,15 +24,17 @@ legitimate window never trips dom0's checks: windows larger than the limits
 are not shown, nor windows past the maximum count.
 """
 
-import ctypes
-import ctypes.util
 import os
 import pwd
 import select
+import subprocess
 import sys
 import time
 
 from . import gui_protocol as G
+from .gui_selection import SelectionMixin
+from .gui_shm import ShmSegment
+from .gui_shm import requests as shm_requests
 
 # The display the agent's X server takes (another for tests that run the agent on a host).
 DISPLAY = os.environ.get("BULKHEAD_GUI_DISPLAY", ":0")
@@ -68,33 +70,7 @@ def find_port():
     return None
 
 
-# --- System V shared memory through ctypes (for MIT-SHM) -------------------------
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.shmat.restype = ctypes.c_void_p
-_libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
-IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
-
-
-class ShmSegment:
-    def __init__(self, size):
-        self.size = size
-        self.shmid = _libc.shmget(IPC_PRIVATE, size, IPC_CREAT | 0o600)
-        if self.shmid < 0:
-            raise OSError(ctypes.get_errno(), "shmget")
-        addr = _libc.shmat(self.shmid, None, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "shmat")
-        self.addr = addr
-
-    def remove(self):
-        # Marked for removal: it goes when the X server and we detach (or exit).
-        _libc.shmctl(self.shmid, IPC_RMID, None)
-
-    def read(self, n):
-        return ctypes.string_at(self.addr, n)
-
-
-class Agent:
+class Agent(SelectionMixin):
     def __init__(self, port_fd):
         from Xlib import X  # noqa: PLC0415 -- after the port is open: imports cost seconds
         self.X = X
@@ -108,7 +84,9 @@ class Agent:
         self.dirty = {}              # wid -> [x0, y0, x1, y1]
         self.clip_owned = None       # (kind, data) we serve as CLIPBOARD owner
         self.clip_pending = None     # "targets" | "text" | "png" while fetching for dom0
+        self.keymap = None           # dom0's XKB names, checked (gui_protocol.check_keymap_names)
         self.d = None
+        self.xpid = 0
 
     # --- the port ------------------------------------------------------------
     def send(self, mtype, wid, payload=b""):
@@ -164,6 +142,7 @@ class Agent:
     # --- X ---------------------------------------------------------------------
     def start_x(self):
         w, h = self.screen or DEFAULT_SCREEN
+        self.max_screen = (w, h)   # Xvfb's framebuffer: RandR can shrink the screen, not grow it
         sock = "/tmp/.X11-unix/X" + DISPLAY.lstrip(":")
         if os.path.exists(sock):
             try:
@@ -171,6 +150,7 @@ class Agent:
             except OSError:
                 pass
         pid = os.fork()
+        self.xpid = pid
         if pid == 0:
             try:
                 null = os.open("/dev/null", os.O_RDWR)
@@ -191,6 +171,66 @@ class Agent:
         if self.d is None:
             raise RuntimeError("Xvfb did not start")
         self.setup_x()
+        self.apply_keymap()
+
+    def stop_x(self):
+        try:
+            self.d.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self.d = None
+        self.shm.detach()
+        try:
+            os.kill(self.xpid, 15)
+            os.waitpid(self.xpid, 0)
+        except OSError:
+            pass
+        self.wins.clear()
+        self.dirty.clear()
+        self.clip_owned = self.clip_pending = None
+
+    def fit_screen(self):
+        """Make the X screen the size of the user's (dom0's HELLO came after X started)."""
+        w, h = self.screen
+        if (w, h) == self.screen_size:
+            return
+        if w <= self.max_screen[0] and h <= self.max_screen[1]:
+            # Xvfb's one CRTC spans the initial size: off first, or the smaller screen is refused.
+            d, root = self.d, self.root
+            res = root.xrandr_get_screen_resources()
+            for crtc in res.crtcs:
+                d.xrandr_set_crtc_config(crtc, res.config_timestamp, 0, 0, 0, 1, [])
+            root.xrandr_set_screen_size(w, h, w * 254 // 960, h * 254 // 960)   # 96 dpi
+            d.sync()
+            g = root.get_geometry()
+            self.screen_size = (g.width, g.height)
+            log("screen resized to %dx%d" % self.screen_size)
+        elif not [c for c in self.root.query_tree().children if c.id != self.helper.id]:
+            # Larger than Xvfb can grow, and nothing runs on it yet: start it afresh.
+            self.stop_x()
+            self.start_x()
+            log("X restarted at %dx%d" % self.screen_size)
+        else:
+            log("screen kept at %dx%d (dom0's is %dx%d; windows are open)"
+                % (self.screen_size + (w, h)))
+
+    def apply_keymap(self):
+        """The user's XKB layout (names dom0 sent, checked) on our X server: setxkbmap."""
+        if self.keymap is None or self.d is None:
+            return
+        rules, model, layout, variant, options = self.keymap
+        argv = ["setxkbmap", "-display", DISPLAY, "-rules", rules, "-layout", layout]
+        argv += ["-model", model] if model else []
+        argv += ["-variant", variant] if variant else []
+        argv += ["-option", ""] + (["-option", options] if options else [])
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, timeout=30, check=False)
+            err = r.stderr.decode("utf-8", "replace").strip()
+            log("keyboard layout %s: %s" % (",".join(self.keymap),
+                                            "applied" if r.returncode == 0 else "failed: " + err))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log("setxkbmap failed: %s" % e)
 
     def setup_x(self):
         from Xlib.ext import composite, damage, xtest  # noqa: F401,PLC0415 -- register them
@@ -415,9 +455,14 @@ class Agent:
             for w in self.wins.values():
                 w["announced"] = False
             if self.d is not None:
+                self.fit_screen()
                 for wid, w in list(self.wins.items()):
                     if w["mapped"]:
                         self.announce(wid)
+            return
+        if mtype == G.D_KEYMAP:
+            self.keymap = G.unpack_keymap(payload)
+            self.apply_keymap()
             return
         if self.d is None or not self.connected:
             return
@@ -477,76 +522,10 @@ class Agent:
         else:
             w["win"].kill_client()   # what a window manager does for a window without the protocol
 
-    # --- clipboard -----------------------------------------------------------------
-    def clip_fetch(self):
-        a = self.atoms
-        if self.clip_owned is not None:   # our own (pasted) clipboard
-            kind, data = self.clip_owned
-            self.send(G.G_CLIPBOARD, 0, bytes([kind]) + data)
-            return
-        owner = self.d.get_selection_owner(a["CLIPBOARD"])
-        if not owner:
-            self.send(G.G_CLIPBOARD, 0, bytes([G.CLIP_TEXT]))
-            return
-        self.clip_pending = "targets"
-        self.clip_deadline = time.monotonic() + 2.0
-        self.helper.convert_selection(a["CLIPBOARD"], a["TARGETS"], a["BULKHEAD_CLIP"], self.X.CurrentTime)
-
-    def clip_timeout(self):
-        if self.clip_pending and time.monotonic() > self.clip_deadline:
-            self.clip_pending = None
-            self.send(G.G_CLIPBOARD, 0, bytes([G.CLIP_TEXT]))
-
-    def selection_notify(self, ev):
-        a = self.atoms
-        if self.clip_pending is None:
-            return
-        prop = None
-        if ev.property != self.X.NONE:
-            prop = self.helper.get_full_property(a["BULKHEAD_CLIP"], self.X.AnyPropertyType,
-                                                 G.CLIPBOARD_MAX)
-        if self.clip_pending == "targets":
-            targets = list(prop.value) if prop is not None and prop.format == 32 else []
-            self.clip_pending = "png" if a["image/png"] in targets else "text"
-            target = a["image/png"] if self.clip_pending == "png" else a["UTF8_STRING"]
-            self.helper.convert_selection(a["CLIPBOARD"], target, a["BULKHEAD_CLIP"], self.X.CurrentTime)
-            return
-        kind = G.CLIP_PNG if self.clip_pending == "png" else G.CLIP_TEXT
-        self.clip_pending = None
-        data = b""
-        if prop is not None and prop.property_type != a["INCR"]:
-            v = prop.value
-            data = v if isinstance(v, bytes) else (v.encode() if isinstance(v, str) else bytes(v))
-        self.send(G.G_CLIPBOARD, 0, bytes([kind]) + data[:G.CLIPBOARD_MAX])
-
-    def selection_request(self, ev):
-        from Xlib import Xatom  # noqa: PLC0415
-        from Xlib.protocol import event  # noqa: PLC0415
-        a = self.atoms
-        X = self.X
-        prop = ev.property if ev.property != X.NONE else ev.target
-        ok = False
-        if self.clip_owned is not None and ev.selection == a["CLIPBOARD"]:
-            kind, data = self.clip_owned
-            if ev.target == a["TARGETS"]:
-                targets = [a["TARGETS"]] + ([a["image/png"]] if kind == G.CLIP_PNG else
-                                            [a["UTF8_STRING"], a["STRING"], a["TEXT"]])
-                ev.requestor.change_property(prop, Xatom.ATOM, 32, targets)
-                ok = True
-            elif kind == G.CLIP_PNG and ev.target == a["image/png"]:
-                ev.requestor.change_property(prop, a["image/png"], 8, data)
-                ok = True
-            elif kind == G.CLIP_TEXT and ev.target in (a["UTF8_STRING"], a["STRING"], a["TEXT"]):
-                ev.requestor.change_property(prop, a["UTF8_STRING"], 8, data)
-                ok = True
-        reply = event.SelectionNotify(time=ev.time, requestor=ev.requestor, selection=ev.selection,
-                                      target=ev.target, property=prop if ok else X.NONE)
-        ev.requestor.send_event(reply)
-
     # --- the loop --------------------------------------------------------------------
     def run(self):
-        xfd = self.d.fileno()
         while True:
+            xfd = self.d.fileno()   # anew each time: fit_screen may restart X
             p = select.poll()
             p.register(xfd, select.POLLIN)
             if not self.hung_up or self.connected:
@@ -589,25 +568,7 @@ class Agent:
         self.d.flush()
 
 
-def _shm_requests():
-    from Xlib.protocol import rq  # noqa: PLC0415
-
-    class _ShmAttach(rq.Request):
-        _request = rq.Struct(rq.Card8("opcode"), rq.Opcode(1), rq.RequestLength(),
-                             rq.Card32("shmseg"), rq.Card32("shmid"), rq.Bool("read_only"),
-                             rq.Pad(3))
-
-    class _ShmGetImage(rq.ReplyRequest):
-        _request = rq.Struct(rq.Card8("opcode"), rq.Opcode(4), rq.RequestLength(),
-                             rq.Drawable("drawable"), rq.Int16("x"), rq.Int16("y"),
-                             rq.Card16("width"), rq.Card16("height"), rq.Card32("plane_mask"),
-                             rq.Card8("format"), rq.Pad(3), rq.Card32("shmseg"), rq.Card32("offset"))
-        _reply = rq.Struct(rq.ReplyCode(), rq.Card8("depth"), rq.Card16("sequence_number"),
-                           rq.ReplyLength(), rq.Card32("visual"), rq.Card32("size"), rq.Pad(16))
-    return _ShmAttach, _ShmGetImage
-
-
-ShmAttach = ShmGetImage = None
+ShmAttach = ShmGetImage = None   # the MIT-SHM requests, declared in main once Xlib is in
 
 
 def main():
@@ -625,7 +586,7 @@ def main():
     os.environ.update(HOME=pw.pw_dir, USER="user", DISPLAY=DISPLAY)
     agent = Agent(fd)
     agent.wait_hello(HELLO_WAIT)
-    ShmAttach, ShmGetImage = _shm_requests()
+    ShmAttach, ShmGetImage = shm_requests()
     agent.start_x()
     agent.run()
     return 0

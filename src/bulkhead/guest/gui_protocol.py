@@ -42,12 +42,15 @@ dom0 -> guest (``D_*``)::
     D_FOCUS      u32 focused (0/1)
     D_CLIP_REQUEST  -                              (window 0) send your clipboard
     D_CLIP_DATA  u8 kind, then the data            (window 0) paste this
+    D_KEYMAP     rules NUL model NUL layout NUL variant NUL options   (window 0)
+                 the user's XKB layout names (the root window's _XKB_RULES_NAMES),
+                 each checked by :func:`check_keymap_names` at both ends
 """
 
 import struct
 
 PORT_NAME = "org.bulkhead.gui"
-VERSION = 1
+VERSION = 2           # 2: D_KEYMAP
 HEADER = struct.Struct("<HHII")
 HEADER_SIZE = HEADER.size
 
@@ -84,6 +87,7 @@ D_CLOSE = 106
 D_FOCUS = 107
 D_CLIP_REQUEST = 108
 D_CLIP_DATA = 109
+D_KEYMAP = 110
 
 CREATE_OVERRIDE_REDIRECT = 1
 
@@ -110,16 +114,50 @@ FIXED = {
 MAX_SIZE = {
     G_TITLE: MAX_TITLE_BYTES, G_CLASS: MAX_CLASS_BYTES,
     G_PIXELS: RECT.size + MAX_PIXEL_BYTES, G_CLIPBOARD: 1 + CLIPBOARD_MAX,
-    D_CLIP_DATA: 1 + CLIPBOARD_MAX,
+    D_CLIP_DATA: 1 + CLIPBOARD_MAX, D_KEYMAP: 5 * (1 + 64),
 }
 FROM_GUEST = frozenset(t for t in list(FIXED) + list(MAX_SIZE) if t < 100)
 FROM_DOM0 = frozenset(t for t in list(FIXED) + list(MAX_SIZE) if t > 100)
 # Messages about one window (nonzero id) versus about the connection (window 0).
-CONNECTION_MESSAGES = frozenset((G_HELLO, G_CLIPBOARD, D_HELLO, D_CLIP_REQUEST, D_CLIP_DATA))
+CONNECTION_MESSAGES = frozenset((G_HELLO, G_CLIPBOARD, D_HELLO, D_CLIP_REQUEST, D_CLIP_DATA,
+                                 D_KEYMAP))
 
 
 class Violation(Exception):
     """The peer broke the protocol: the connection must be closed."""
+
+
+# XKB's rules/model/layout/variant/options names: they become setxkbmap's arguments in
+# the qube (argv, never a shell), so: short, a charset with no path separator, no
+# leading "-" (it would read as an option).  Layout lists ("us,de"), variants
+# ("nodeadkeys"), options ("grp:alt_shift_toggle,compose:ralt") all fit.
+KEYMAP_FIELDS = ("rules", "model", "layout", "variant", "options")
+KEYMAP_NAME_MAX = 64
+_KEYMAP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.,:+-")
+
+
+def check_keymap_names(names):
+    """``names`` (5 str) if every one is a short, plain XKB name, else Violation."""
+    if len(names) != len(KEYMAP_FIELDS):
+        raise Violation("keymap: %d names, not %d" % (len(names), len(KEYMAP_FIELDS)))
+    for field, name in zip(KEYMAP_FIELDS, names):
+        if len(name) > KEYMAP_NAME_MAX or not set(name) <= _KEYMAP_CHARS or name.startswith("-"):
+            raise Violation("keymap: bad %s name %r" % (field, name[:KEYMAP_NAME_MAX]))
+    if not names[0] or not names[2]:
+        raise Violation("keymap: no rules or no layout")
+    return tuple(names)
+
+
+def pack_keymap(names):
+    return "\0".join(check_keymap_names(names)).encode("ascii")
+
+
+def unpack_keymap(payload):
+    try:
+        text = payload.decode("ascii")
+    except UnicodeDecodeError:
+        raise Violation("keymap: not ASCII") from None
+    return check_keymap_names(text.split("\0"))
 
 
 def pack(mtype, window, payload=b""):

@@ -99,7 +99,7 @@ class Guid:
         self.gc = self.root.create_gc()
         self.atoms = {n: display.intern_atom(n) for n in (
             "WM_PROTOCOLS", "WM_DELETE_WINDOW", "_NET_WM_NAME", "UTF8_STRING", "_QUBES_VMNAME",
-            "_QUBES_LABEL_COLOR")}
+            "_QUBES_LABEL_COLOR", "_XKB_RULES_NAMES")}
         self.pixel = self._alloc(color)
         self.max_put = (display.display.info.max_request_length * 4) - 64
         self.notice: Any = None
@@ -111,6 +111,11 @@ class Guid:
         sock.setblocking(False)
         g = self.root.get_geometry()
         self.send(G.D_HELLO, 0, G.D_HELLO_S.pack(G.VERSION, g.width, g.height))
+        self.keymap: tuple[str, ...] | None = None
+        # The user's layout follows the root's _XKB_RULES_NAMES (setxkbmap, a desktop's
+        # layout switcher rewrite it): watch it, and tell the qube each change.
+        self.root.change_attributes(event_mask=self.X.PropertyChangeMask)
+        self.send_keymap()
 
     def _alloc(self, rgb: int) -> int:
         c = self.screen.default_colormap.alloc_color(((rgb >> 16) & 255) * 257,
@@ -131,6 +136,32 @@ class Guid:
             except BlockingIOError:
                 return
             del self.out[:n]
+
+    def user_keymap(self) -> tuple[str, ...] | None:
+        """The user's XKB names (rules, model, layout, variant, options), None if unknown."""
+        try:
+            prop = self.root.get_full_property(self.atoms["_XKB_RULES_NAMES"],
+                                               self.Xatom.STRING, 1024)
+        except Exception:  # noqa: BLE001 -- no such property: a server without XKB
+            prop = None
+        if prop is None or prop.format != 8:
+            return None
+        raw = prop.value if isinstance(prop.value, bytes) else str(prop.value).encode("latin-1")
+        names = raw.decode("latin-1").split("\0")
+        names = (names + [""] * 5)[:5]
+        try:
+            return G.check_keymap_names(names)
+        except Violation as e:
+            # Another client on the user's display may have written anything there.
+            log.warning("qube %s: the display's keyboard layout is not passed on: %s", self.qube, e)
+            return None
+
+    def send_keymap(self) -> None:
+        names = self.user_keymap()
+        if names is not None and names != self.keymap:
+            self.keymap = names
+            self.send(G.D_KEYMAP, 0, G.pack_keymap(names))
+            log.info("qube %s: keyboard layout %s", self.qube, ",".join(names))
 
     # --- from the qube ----------------------------------------------------------
     def receive(self) -> bool:
@@ -244,6 +275,10 @@ class Guid:
         motion: tuple[DomWindow, Any] | None = None
         while self.d.pending_events():
             ev = self.d.next_event()
+            if ev.type == X.PropertyNotify and ev.window.id == self.root.id:
+                if ev.atom == self.atoms["_XKB_RULES_NAMES"]:
+                    self.send_keymap()
+                continue
             win = self.by_xid.get(getattr(ev, "window", None).id
                                   if getattr(ev, "window", None) is not None else -1)
             if win is None:

@@ -100,6 +100,8 @@ GUEST_FILES = [
     # --- GUI (issue 10)
     ("guest/gui_protocol.py", "usr/lib/bulkhead/bulkhead_guest/gui_protocol.py", 0o644),
     ("guest/gui_agent.py", "usr/lib/bulkhead/bulkhead_guest/gui_agent.py", 0o644),
+    ("guest/gui_shm.py", "usr/lib/bulkhead/bulkhead_guest/gui_shm.py", 0o644),
+    ("guest/gui_selection.py", "usr/lib/bulkhead/bulkhead_guest/gui_selection.py", 0o644),
     ("guest/files/gui-agent", "usr/lib/bulkhead/gui-agent", 0o755),
 ]
 
