@@ -25,15 +25,14 @@ Run as ``python -m bulkhead.network.link COUNT SOCKFD`` (as root): sends
 from __future__ import annotations
 
 import array
-import asyncio
 import ctypes
 import fcntl
 import os
 import socket
 import struct
-import subprocess
 import sys
 
+from .fdhelper import run_for_fds
 from .uplink import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
 
 CLONE_NEWNET = 0x40000000
@@ -51,7 +50,6 @@ ETH_P_ALL = 0x0003
 TAP_MTU = 65521
 SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_LINKS = 2
-HELPER_TIMEOUT = 20.0
 
 
 class LinkError(Exception):
@@ -112,39 +110,9 @@ def helper_main(argv: list[str]) -> int:
 
 async def open_links(count: int) -> list[tuple[int, socket.socket]]:
     """``count`` links in a new namespace: [(QEMU's tap descriptor, the relay's packet socket)]."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bulkhead.network.link", str(count), str(theirs.fileno()),
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                 **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ
-                    else {})})
-        theirs.close()
-        try:
-            _out, err = await asyncio.wait_for(proc.communicate(), HELPER_TIMEOUT)
-        except asyncio.TimeoutError:
-            proc.kill()
-            raise LinkError("the link helper did not answer") from None
-        ours.setblocking(False)
-        try:
-            msg, anc, _f, _a = ours.recvmsg(512, socket.CMSG_SPACE(4 * 2 * count))
-        except BlockingIOError:
-            raise LinkError("the link helper failed: "
-                            + err.decode(errors="replace").strip()[-300:]) from None
-        fds = [fd for level, kind, data in anc
-               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-               for fd in array.array("i", data[:len(data) - len(data) % 4])]
-        if msg != b"ok" or len(fds) != 2 * count:
-            for fd in fds:
-                os.close(fd)
-            raise LinkError(msg.decode(errors="replace")[:500] or "the link helper failed")
-        return [(fds[i], socket.socket(fileno=fds[i + 1])) for i in range(0, len(fds), 2)]
-    finally:
-        ours.close()
-        if theirs.fileno() >= 0:
-            theirs.close()
+    fds = await run_for_fds([], "bulkhead.network.link", [str(count)], 2 * count,
+                            "link helper", LinkError)
+    return [(fds[i], socket.socket(fileno=fds[i + 1])) for i in range(0, len(fds), 2)]
 
 
 if __name__ == "__main__":

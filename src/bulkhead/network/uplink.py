@@ -35,7 +35,6 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 _NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
 _NETNS_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-HELPER_TIMEOUT = 20.0
 
 
 class UplinkError(ValueError):
@@ -138,43 +137,12 @@ def helper_main(argv: list[str]) -> int:
 # --- the daemon's side --------------------------------------------------------------------
 async def open_bridge_tap(uplink: Uplink, name: str) -> int:
     """Run the helper; returns the tap's descriptor (the caller closes it)."""
-    import asyncio
+    from .fdhelper import run_for_fds
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", uplink.netns,
-            sys.executable, "-m", "bulkhead.network.uplink", "bridge", uplink.netns,
-            uplink.bridge, name, str(theirs.fileno()), pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                 **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ
-                    else {})})
-        theirs.close()
-        try:
-            _out, err = await asyncio.wait_for(proc.communicate(), HELPER_TIMEOUT)
-        except asyncio.TimeoutError:
-            proc.kill()
-            raise UplinkError("the uplink helper did not answer") from None
-        ours.setblocking(False)
-        try:
-            msg, anc, _f, _a = ours.recvmsg(512, socket.CMSG_SPACE(4))
-        except BlockingIOError:
-            raise UplinkError("the uplink helper failed: "
-                              + err.decode(errors="replace").strip()[-300:]) from None
-        fds = [fd for level, kind, data in anc
-               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-               for fd in array.array("i", data[:len(data) - len(data) % 4])]
-        if msg != b"ok" or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise UplinkError(msg.decode(errors="replace")[:500] or "the uplink helper failed: "
-                              + err.decode(errors="replace").strip()[-300:])
-        return fds[0]
-    finally:
-        ours.close()
-        if theirs.fileno() >= 0:
-            theirs.close()
+    fds = await run_for_fds(["ip", "netns", "exec", uplink.netns], "bulkhead.network.uplink",
+                            ["bridge", uplink.netns, uplink.bridge, name], 1,
+                            "uplink helper", UplinkError)
+    return fds[0]
 
 
 async def start_passt(name: str) -> tuple[int, "object"]:
