@@ -20,6 +20,7 @@ import sys
 
 from . import protocol as P
 from .caller import SOCKET as CALL_SOCKET, Caller
+from .datadisk import DataDisk
 
 PORT_NAME = "org.qubes-os.qrexec"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -97,9 +98,14 @@ class Agent:
         self.calls = {}        # chan -> Call
         self.by_fd = {}        # fd -> (Call, role) role in "stdin", "out", "pid"; (proc, "spare")
         self.spares = {}       # user -> prespawned shells waiting for their command
+        # Users whose spares to top up, once nothing else is waiting (see run): the fork
+        # of a spare costs ~10-20 ms under TCG, which must not hold up the call that
+        # took the last one -- its exit, its output -- nor the next call's frames.
+        self.spares_wanted = set()
         self.orphans = set()   # calls of a dom0 connection that has gone, still to be reaped
         self.connected = False
         self.caller = Caller(self)  # the qrexec calls this qube makes (qrexec-client-vm)
+        self.data_disk = DataDisk()  # where dom0 puts bulk bytes (DATA frames)
 
     # --- the port ---------------------------------------------------------
     def open_port(self):
@@ -249,16 +255,19 @@ class Agent:
     SPARE_ARGV = ["sh", "-c", ". /proc/self/fd/3"]
     SPARES_PER_USER = 2
 
-    def prespawn(self, user):
+    def prespawn(self, user, most=SPARES_PER_USER):
+        """Start up to ``most`` spares for ``user``; True if the pool is still short."""
         pool = self.spares.setdefault(user, [])
-        while len(pool) < self.SPARES_PER_USER:
+        while len(pool) < self.SPARES_PER_USER and most > 0:
             try:
                 proc = self.spawn(user, SHELL[0], self.SPARE_ARGV,
                                   {"QREXEC_REMOTE_DOMAIN": "dom0"}, control=True)
             except KeyError:
-                return
+                return False
             pool.append(proc)
             self.by_fd[proc[1]] = (proc, "spare")
+            most -= 1
+        return len(pool) < self.SPARES_PER_USER
 
     def spare_died(self, proc):
         pid, pidfd, in_w, out_r, err_r, ctl_w = proc
@@ -286,7 +295,7 @@ class Agent:
         if proc is None:
             self.start_call(chan, user, SHELL[0], [SHELL[1], "-c", command],
                             {"QREXEC_REMOTE_DOMAIN": "dom0"})
-            self.prespawn(user)
+            self.spares_wanted.add(user)
             return
         self.by_fd.pop(proc[1], None)
         ctl_w = proc[5]
@@ -298,7 +307,7 @@ class Agent:
             pass  # the spare died: the call ends with its exit status
         os.close(ctl_w)
         self.attach(chan, proc)
-        self.prespawn(user)
+        self.spares_wanted.add(user)
 
     def refuse(self, chan, message):
         self.send(P.ERROR, chan, message.encode("utf-8")[:1024])
@@ -395,6 +404,16 @@ class Agent:
 
     # --- frames from dom0 --------------------------------------------------
     def handle(self, mtype, chan, payload):
+        if mtype == P.DATA:
+            # Bytes dom0 put on our data disk: read them now (dom0 may reuse the place
+            # once we have handled the frames it sent before its next PING), then they
+            # are that stream's frame like any other.
+            mtype, offset, length = P.split_data(
+                payload, (P.STDOUT, P.STDERR) if chan & P.GUEST_CHANNEL else (P.STDIN,))
+            try:
+                payload = self.data_disk.read(offset, length)
+            except OSError as e:
+                raise P.ProtocolViolation("cannot read DATA: %s" % e) from None
         if mtype == P.HELLO:
             version = P.parse_u32(payload)
             if version != P.VERSION:
@@ -495,7 +514,13 @@ class Agent:
             poller = select.poll()
             for fd, ev in want.items():
                 poller.register(fd, ev)
-            events = poller.poll()
+            events = poller.poll(0 if self.spares_wanted else -1)
+            if not events and self.spares_wanted:
+                # One at a time, looking for work in between.
+                user = self.spares_wanted.pop()
+                if self.prespawn(user, 1):
+                    self.spares_wanted.add(user)
+                continue
             for fd, ev in events:
                 if fd == self.fd:
                     self.port_event(ev)
