@@ -110,6 +110,14 @@ class Call:
             await self.link.send(mtype, self.chan, bytes(view[:n]))
             view = view[n:]
 
+    async def grant(self, extra: int) -> None:
+        """Let the guest send ``extra`` bytes more than the usual window on this call
+        (what dom0 may hold for it grows by as much)."""
+        if self.done or extra <= 0:
+            return
+        self.recv_granted += extra
+        await self.link.send(P.CREDIT, self.chan, P.u32(extra))
+
     def _release_data_slot(self) -> None:
         """The call is over: its slot on the data disk goes back once the guest cannot
         still be reading it (see :mod:`bulkhead.datadisk`)."""
@@ -164,15 +172,15 @@ class Call:
         except AgentLinkError:
             pass  # the caller's link is gone: nobody to tell
 
-    async def next_event(self) -> CallEvent:
-        """The next output (up to one frame's worth), error or exit.
+    async def next_event(self, limit: int = P.MAX_PAYLOAD) -> CallEvent:
+        """The next output (up to ``limit`` bytes of what has come), error or exit.
 
         Consuming output grants the guest as much credit again.
         """
         while True:
             for mtype, buf in self._out.items():
                 if buf:
-                    chunk = bytes(buf[:P.MAX_PAYLOAD])
+                    chunk = bytes(buf[:limit])
                     del buf[:len(chunk)]
                     if not self.done:
                         self.recv_granted += len(chunk)

@@ -26,7 +26,8 @@ What a qube can make dom0 hold is bounded in bytes, whatever the size of its
 frames: one frame being parsed; per call at most
 :data:`~bulkhead.guest.protocol.WINDOW` bytes of unconsumed output, kept as
 one buffer per stream (a frame's bytes are appended, so a flood of 2-byte
-frames costs what their payload costs, not an object each); replies dom0
+frames costs what their payload costs, not an object each; a qrexec call dom0
+relays to a qube with a data disk is granted 1 MiB: see bulkhead.qrexec.router); replies dom0
 owes the guest within the control budget; and dom0's own sends wait for the
 guest only up to :data:`SEND_TIMEOUT`.
 """

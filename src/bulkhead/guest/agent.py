@@ -20,7 +20,7 @@ import sys
 
 from . import protocol as P
 from .caller import SOCKET as CALL_SOCKET, Caller
-from .datadisk import DataDisk
+from .datadisk import DataDisk, widen_pipe
 
 PORT_NAME = "org.qubes-os.qrexec"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -84,6 +84,7 @@ class Call:
         self.credit = P.WINDOW            # bytes of output we may still send before dom0 credits us
         self.exit_code = None
         self.orphaned = False             # dom0 went away: discard output, just reap
+        self.wide = False                 # its stdin pipe was widened for DATA runs
 
     def finished(self):
         return self.exit_code is not None and not self.out_fds
@@ -98,9 +99,11 @@ class Agent:
         self.calls = {}        # chan -> Call
         self.by_fd = {}        # fd -> (Call, role) role in "stdin", "out", "pid"; (proc, "spare")
         self.spares = {}       # user -> prespawned shells waiting for their command
-        # Users whose spares to top up, once nothing else is waiting (see run): the fork
-        # of a spare costs ~10-20 ms under TCG, which must not hold up the call that
-        # took the last one -- its exit, its output -- nor the next call's frames.
+        # Users whose spares to top up, once no call runs and nothing else waits (see
+        # run): the fork of a spare costs 5-20 ms under TCG (this process' page tables),
+        # which held up the exit of the very call that took the spare (measured: a
+        # trivial service's exit seen 7 ms after its start without a fork in between,
+        # 15-100 ms with one).  Between two calls it overlaps their trip through dom0.
         self.spares_wanted = set()
         self.orphans = set()   # calls of a dom0 connection that has gone, still to be reaped
         self.connected = False
@@ -186,6 +189,8 @@ class Agent:
                     # No exec: the child does the work itself, without the agent's
                     # descriptors (the port above all: a new agent must be able to open it).
                     os.closerange(3, 65536)
+                    os.environ.clear()
+                    os.environ.update(env)
                     os._exit(run())
                 os.execve(path, argv, env)
             except BaseException as e:  # noqa: B036 -- report anything, then die
@@ -323,7 +328,7 @@ class Agent:
             return self.start_call(chan, "root", "netconf", [], {}, run=_netconf_main)
         # --- end networking ---
         for d in RPC_DIRS:
-            for candidate in (service, name):
+            for candidate in (service, name) if service != name else (name,):
                 path = "%s/%s" % (d, candidate)
                 if stat.S_ISSOCK(_mode(path)):
                     # Qubes' socket services: a daemon listens there; it gets a header
@@ -332,6 +337,12 @@ class Agent:
                     return self.start_call(chan, user, path, [path], {},
                                            run=lambda: socket_relay(path, header))
                 if os.path.isfile(path):
+                    if path == FILECOPY_SERVICE:
+                        # The template's own unpacker, run in a fork of ours: no Python
+                        # start (~0.3 s under TCG) before the first byte is taken.
+                        return self.start_call(chan, user, path, [path], {
+                            "QREXEC_REMOTE_DOMAIN": source, "QREXEC_SERVICE_FULL_NAME": service,
+                            "QREXEC_SERVICE_ARGUMENT": arg}, run=_filecopy_main)
                     if _is_sh_script(path) and _plain(source):
                         # Sourced by a prespawned shell: no exec of a new /bin/sh, which
                         # is most of a trivial call's time under TCG.  (Only $0 differs.)
@@ -414,6 +425,10 @@ class Agent:
                 payload = self.data_disk.read(offset, length)
             except OSError as e:
                 raise P.ProtocolViolation("cannot read DATA: %s" % e) from None
+            call = self.calls.get(chan)
+            if call is not None and not call.wide and call.stdin_fd is not None:
+                call.wide = True
+                widen_pipe(call.stdin_fd)
         if mtype == P.HELLO:
             version = P.parse_u32(payload)
             if version != P.VERSION:
@@ -514,8 +529,9 @@ class Agent:
             poller = select.poll()
             for fd, ev in want.items():
                 poller.register(fd, ev)
-            events = poller.poll(0 if self.spares_wanted else -1)
-            if not events and self.spares_wanted:
+            top_up = bool(self.spares_wanted) and not self.calls
+            events = poller.poll(0 if top_up else -1)
+            if not events and top_up:
                 # One at a time, looking for work in between.
                 user = self.spares_wanted.pop()
                 if self.prespawn(user, 1):
@@ -710,6 +726,21 @@ def _netconf_main():
     """In a forked child: apply the network configuration on stdin (imported here only)."""
     from . import netconf  # noqa: PLC0415 -- only when dom0 configures the network
     return netconf.main()
+
+
+FILECOPY_SERVICE = "/etc/qubes-rpc/qubes.Filecopy"
+
+
+def _filecopy_main():
+    """In a forked child, as the user: the qubes.Filecopy unpacker (what that file runs)."""
+    from . import filecopy  # noqa: PLC0415 -- only a qube that is sent files needs it
+    code = 1
+    try:
+        code = filecopy.unpacker_main()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
 
 
 def _plain(word):
