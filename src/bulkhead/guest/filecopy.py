@@ -44,10 +44,7 @@ MAGIC = b"BHFC1\n"
 HEADER = 1 + 2 + 4 + 8
 MAX_NAME = 4096
 MAX_COMPONENT = 255
-# Reads and writes of file data: big, so that each turn of these Python loops (slow
-# under TCG) moves much; the agent hands the receiver up to 1 MiB at once (its data
-# disk's DATA runs into a widened pipe).
-CHUNK = 1024 * 1024
+CHUNK = 65536
 DEFAULT_LIMIT = 16 * 1024**3
 LIMIT_FILE = "/usr/local/etc/bulkhead/filecopy-limit"
 INCOMING = "QubesIncoming"
