@@ -7,7 +7,7 @@ code comes back at the end.  It also powers the qube off when dom0 asks.
 
 Start-up speed matters (dom0 counts a qube as started when this agent says
 HELLO), and under TCG every imported module costs tens of milliseconds.  So
-this module imports only builtins -- ``os``, ``sys``, ``select``, ``pwd`` and
+this module imports only builtins -- ``os``, ``sys``, ``select``, ``pwd``, ``time`` and
 the sibling :mod:`protocol` -- and uses ``os.fork``/``os.execve`` and pidfds
 instead of ``subprocess``, ``signal``, ``asyncio`` or threads.
 """
@@ -17,6 +17,7 @@ import pwd
 import select
 import stat
 import sys
+import time
 
 from . import protocol as P
 from .caller import SOCKET as CALL_SOCKET, Caller
@@ -30,6 +31,8 @@ RPC_DIRS = ("/etc/qubes-rpc", "/usr/local/etc/qubes-rpc")
 # place of the real programs: `dpkg` would be busybox's.)
 SHELL = ("/bin/sh", "sh")
 READ_CHUNK = 65536
+# Seconds after a spare shell was taken that it is replaced even while calls run.
+SPARE_DELAY = 0.05
 READY_MARK = "/run/bulkhead/agent-ready"
 # How much dom0-bound output may wait in our send buffer before we stop reading
 # from children (credits already bound it per call; this bounds the total).
@@ -105,6 +108,7 @@ class Agent:
         # trivial service's exit seen 7 ms after its start without a fork in between,
         # 15-100 ms with one).  Between two calls it overlaps their trip through dom0.
         self.spares_wanted = set()
+        self.spare_taken_at = 0.0
         self.orphans = set()   # calls of a dom0 connection that has gone, still to be reaped
         self.connected = False
         self.caller = Caller(self)  # the qrexec calls this qube makes (qrexec-client-vm)
@@ -313,6 +317,7 @@ class Agent:
         os.close(ctl_w)
         self.attach(chan, proc)
         self.spares_wanted.add(user)
+        self.spare_taken_at = time.monotonic()
 
     def refuse(self, chan, message):
         self.send(P.ERROR, chan, message.encode("utf-8")[:1024])
@@ -529,9 +534,15 @@ class Agent:
             poller = select.poll()
             for fd, ev in want.items():
                 poller.register(fd, ev)
-            top_up = bool(self.spares_wanted) and not self.calls
-            events = poller.poll(0 if top_up else -1)
-            if not events and top_up:
+            timeout = -1
+            if self.spares_wanted:
+                # Once nothing waits and no call runs; or, while calls run (a
+                # long-lived one would hold it off for good), SPARE_DELAY after the
+                # last spare was taken.
+                late = time.monotonic() - self.spare_taken_at - SPARE_DELAY
+                timeout = 0 if not self.calls else max(0, int(-late * 1000) + 1)
+            events = [] if self.calls and timeout == 0 else poller.poll(timeout)
+            if not events and self.spares_wanted:
                 # One at a time, looking for work in between.
                 user = self.spares_wanted.pop()
                 if self.prespawn(user, 1):
