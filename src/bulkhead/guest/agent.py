@@ -103,10 +103,9 @@ class Agent:
         self.by_fd = {}        # fd -> (Call, role) role in "stdin", "out", "pid"; (proc, "spare")
         self.spares = {}       # user -> prespawned shells waiting for their command
         # Users whose spares to top up, once no call runs and nothing else waits (see
-        # run): the fork of a spare costs 5-20 ms under TCG (this process' page tables),
-        # which held up the exit of the very call that took the spare (measured: a
-        # trivial service's exit seen 7 ms after its start without a fork in between,
-        # 15-100 ms with one).  Between two calls it overlaps their trip through dom0.
+        # run): even a spawn (spawn_spare) is work for this loop that the call that
+        # took the spare should not wait behind -- its exit, its output.  Between two
+        # calls it overlaps their trip through dom0.
         self.spares_wanted = set()
         self.spare_taken_at = 0.0
         self.orphans = set()   # calls of a dom0 connection that has gone, still to be reaped
