@@ -217,8 +217,9 @@ class Agent:
         ``resetids`` makes the child's effective ids the real ones, and its exec of
         the shell makes the saved ids the same: the shell has nothing of root.
         Then this process takes its own back (it is single-threaded: nothing else
-        runs meanwhile).  Returns what :meth:`spawn` returns; KeyError for an
-        unknown user.
+        runs meanwhile; for that instant the user's processes could signal it, as
+        they could any process of theirs -- within the qube, whose user it is).
+        Returns what :meth:`spawn` returns; KeyError for an unknown user.
         """
         pw = pwd.getpwnam(user)
         if pw.pw_uid == 0:
