@@ -608,6 +608,14 @@ class Agent:
                     self.child_event(fd, ev)
                 elif fd in self.caller.fds:
                     self.caller.event(fd, ev)
+            if self.out:
+                # Send what these events produced now, not a turn of the loop later
+                # (a turn is a poll set rebuilt: a fraction of a ms under TCG, several
+                # per call).  What does not fit waits for POLLOUT as before.
+                try:
+                    del self.out[:os.write(self.fd, self.out)]
+                except OSError:
+                    pass
 
     def port_event(self, ev):
         if ev & POLLOUT and self.out:
