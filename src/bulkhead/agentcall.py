@@ -15,6 +15,7 @@ import collections
 import signal
 from typing import TYPE_CHECKING, Union
 
+from . import datadisk
 from .errors import QubesException
 from .guest import protocol as P
 
@@ -56,6 +57,9 @@ class Call:
         self._tail: collections.deque[CallEvent] = collections.deque()  # error, exit, eof
         self._wake = asyncio.Event()
         self.send_credit = P.WINDOW           # bytes we may still send the guest on this call
+        self.window = P.WINDOW                # ...of which none are credited back yet
+        self.data_slot: int | None = None     # our slot on the qube's data disk, if any
+        self.data_pos = 0                     # where the next bytes go in that slot
         self.recv_granted = P.WINDOW          # bytes the guest may still send us on this call
         self.credit_event = asyncio.Event()
         self.open_streams = set(_FROM_GUEST[inbound])
@@ -83,10 +87,48 @@ class Call:
                     return
                 self.credit_event.clear()
                 await self.credit_event.wait()
+            if self.done:
+                return   # the guest ended the call: it would drop the bytes (and its slot is gone)
+            disk = self.link.data_disk
+            if disk is not None and len(view) >= datadisk.MIN_BYTES:
+                if self.data_slot is None:
+                    self.data_slot = disk.take()
+                    if self.data_slot is not None:
+                        self.send_credit += datadisk.SLOT - self.window
+                        self.window = datadisk.SLOT
+                if self.data_slot is not None:
+                    pos = self.data_pos
+                    n = min(len(view), self.send_credit, datadisk.SLOT - pos)
+                    offset = disk.write(self.data_slot, pos, view[:n])
+                    self.data_pos = (pos + n) % datadisk.SLOT
+                    self.send_credit -= n
+                    await self.link.send(P.DATA, self.chan, P.pack_data(mtype, offset, n))
+                    view = view[n:]
+                    continue
             n = min(len(view), self.send_credit, P.MAX_PAYLOAD)
             self.send_credit -= n
             await self.link.send(mtype, self.chan, bytes(view[:n]))
             view = view[n:]
+
+    async def grant(self, extra: int) -> None:
+        """Let the guest send ``extra`` bytes more than the usual window on this call
+        (what dom0 may hold for it grows by as much)."""
+        if self.done or extra <= 0:
+            return
+        self.recv_granted += extra
+        await self.link.send(P.CREDIT, self.chan, P.u32(extra))
+
+    def _release_data_slot(self) -> None:
+        """The call is over: its slot on the data disk goes back once the guest cannot
+        still be reading it (see :mod:`bulkhead.datadisk`)."""
+        slot, self.data_slot = self.data_slot, None
+        disk = self.link.data_disk
+        if slot is None or disk is None:
+            return
+        if self.send_credit >= self.window:
+            disk.release(slot)        # every byte credited: read already
+        else:
+            disk.release_after_ping(self.link, slot)
 
     async def close_stdin(self) -> None:
         if not self.done:
@@ -118,25 +160,27 @@ class Call:
         if self.done:
             return
         self.done = True
+        self._release_data_slot()
         self.link._retire(self)
+        frames = b""
+        if error:
+            frames += P.pack(P.ERROR, self.chan, error.encode()[:P.PAYLOAD_LIMIT[P.ERROR]])
+        frames += (P.pack(P.STDOUT, self.chan) + P.pack(P.STDERR, self.chan)
+                   + P.pack(P.EXIT, self.chan, P.i32(code)))
         try:
-            if error:
-                await self.link.send(P.ERROR, self.chan, error.encode()[:P.PAYLOAD_LIMIT[P.ERROR]])
-            await self.link.send(P.STDOUT, self.chan, b"")
-            await self.link.send(P.STDERR, self.chan, b"")
-            await self.link.send(P.EXIT, self.chan, P.i32(code))
+            await self.link.send_frames(frames)
         except AgentLinkError:
             pass  # the caller's link is gone: nobody to tell
 
-    async def next_event(self) -> CallEvent:
-        """The next output (up to one frame's worth), error or exit.
+    async def next_event(self, limit: int = P.MAX_PAYLOAD) -> CallEvent:
+        """The next output (up to ``limit`` bytes of what has come), error or exit.
 
         Consuming output grants the guest as much credit again.
         """
         while True:
             for mtype, buf in self._out.items():
                 if buf:
-                    chunk = bytes(buf[:P.MAX_PAYLOAD])
+                    chunk = bytes(buf[:limit])
                     del buf[:len(chunk)]
                     if not self.done:
                         self.recv_granted += len(chunk)
@@ -173,6 +217,7 @@ class Call:
     def _fail(self, message: str) -> None:
         if not self.done:
             self.done = True
+            self.data_slot = None     # the link closed: the data disk starts afresh
             self.credit_event.set()
             self._event(("error", message))
             self._event(("exit", 255))

@@ -26,7 +26,8 @@ What a qube can make dom0 hold is bounded in bytes, whatever the size of its
 frames: one frame being parsed; per call at most
 :data:`~bulkhead.guest.protocol.WINDOW` bytes of unconsumed output, kept as
 one buffer per stream (a frame's bytes are appended, so a flood of 2-byte
-frames costs what their payload costs, not an object each); replies dom0
+frames costs what their payload costs, not an object each; a qrexec call dom0
+relays to a qube with a data disk is granted 1 MiB: see bulkhead.qrexec.router); replies dom0
 owes the guest within the control budget; and dom0's own sends wait for the
 guest only up to :data:`SEND_TIMEOUT`.
 """
@@ -40,6 +41,7 @@ import logging
 from typing import Awaitable, Callable
 
 from .agentcall import STREAM_KIND, AgentLinkError, Call, CallEvent
+from .datadisk import DataDisk
 from .guest import protocol as P
 from .ratelimit import TokenBucket, qube_log
 
@@ -85,8 +87,10 @@ CallHandler = Callable[["Call", str, str], Awaitable[None]]
 class AgentLink:
     """The link to one qube's agent over its virtio-serial port's unix socket."""
 
-    def __init__(self, qube: str, socket_path: str, on_call: CallHandler | None = None) -> None:
+    def __init__(self, qube: str, socket_path: str, on_call: CallHandler | None = None,
+                 data_disk: "DataDisk | None" = None) -> None:
         self.qube = qube
+        self.data_disk = data_disk        # the qube's data disk, for bulk bytes into it
         self.socket_path = socket_path
         self.on_call = on_call
         self._call_budget = TokenBucket(CALL_BURST, CALL_REFILL_SECONDS)
@@ -204,7 +208,13 @@ class AgentLink:
         for call in self.calls.values():
             call._fail(f"qube {self.qube!r}: link to the guest agent closed: {reason}")
         self.calls.clear()
+        for call in self._retired.values():
+            call.data_slot = None
         self._retired.clear()
+        if self.data_disk is not None:
+            # The guest handles every frame of this connection before it says HELLO
+            # to the next one: nothing it reads then was written for this one.
+            self.data_disk.reset()
         for fut in self._pongs.values():
             if not fut.done():
                 fut.set_exception(AgentLinkError(f"qube {self.qube!r}: {reason}"))
@@ -215,10 +225,14 @@ class AgentLink:
                    timeout: float | None = None) -> None:
         """Send one frame; a guest that does not take it within ``timeout`` (default
         :data:`SEND_TIMEOUT`) has stalled the link, which is then closed."""
+        await self.send_frames(P.pack(mtype, chan, payload), timeout)
+
+    async def send_frames(self, frame: bytes, timeout: float | None = None) -> None:
+        """Send packed frames in one write (a call's end is four frames: one write and
+        one wake-up of the guest, not four)."""
         writer = self._writer
         if writer is None or self.state != LinkState.READY:
             raise AgentLinkError(f"qube {self.qube!r}: the guest agent is not connected")
-        frame = P.pack(mtype, chan, payload)
         limit = SEND_TIMEOUT if timeout is None else timeout
         try:
             await asyncio.wait_for(self._send_locked(writer, frame), limit)
@@ -465,7 +479,7 @@ class AgentLink:
             if credit == 0:
                 raise P.ProtocolViolation(f"an empty CREDIT on channel {chan}")
             call.send_credit += credit
-            if call.send_credit > P.WINDOW:
+            if call.send_credit > call.window:
                 raise P.ProtocolViolation(f"channel {chan} credited more than was sent")
             call.credit_event.set()
         elif mtype == P.ERROR:
@@ -484,5 +498,6 @@ class AgentLink:
             call.done = True
             call.exit_code = code
             call.credit_event.set()
+            call._release_data_slot()
             del self.calls[chan]
             call._event(("exit", code))

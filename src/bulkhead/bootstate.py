@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import datadisk
 from .backend import jail
 from .backend.base import DiskSpec, MachineSpec
 from .backend.qemu_argv import QEMU, build_argv
@@ -140,11 +141,14 @@ def _sha256(path: Path) -> str:
 
 
 def builder_spec(spec: MachineSpec, key: str, root: Path, private: Path,
-                 volatile: Path, nic_fds: list[int]) -> MachineSpec:
+                 volatile: Path, nic_fds: list[int], data: Path | None = None) -> MachineSpec:
     """The machine whose boot is saved: the qube's shape under a neutral name and qid,
-    on the state's frozen root and two placeholder disks, its network devices on
-    links that lead nowhere."""
+    on the state's frozen root and two placeholder disks (and a data disk if the
+    shape has one: :mod:`bulkhead.datadisk`), its network devices on links that
+    lead nowhere."""
     disks = (DiskSpec("root", root), DiskSpec("private", private), DiskSpec("volatile", volatile))
+    if data is not None and datadisk.has_data_disk(spec):
+        disks += (DiskSpec(P.DATA_DISK_SERIAL, data, "raw", readonly=True),)
     more = {"nics": neutral_nics(spec, nic_fds)} if hasattr(spec, "nics") else {}
     return dataclasses.replace(spec, name=f"boot-state-{key[:12]}", qid=BUILDER_QID,
                                disks=disks, extra=saved_extra(spec), **more)
@@ -376,8 +380,11 @@ class BootStates:
             count = len(getattr(spec, "nics", ()))
             nowhere = await open_links(count) if count else []
             try:
+                data = tmp / datadisk.FILE_NAME
+                if datadisk.has_data_disk(spec):
+                    datadisk.make_file(data)
                 bspec = builder_spec(spec, key, root, private, volatile,
-                                     [tap for tap, _pkt in nowhere])
+                                     [tap for tap, _pkt in nowhere], data)
                 machine = await backend.start(bspec, lambda _n, _r: None)
             finally:
                 for tap, pkt in nowhere:
@@ -396,6 +403,7 @@ class BootStates:
             jail.take_back(root, 0o644)
             for p in (private, volatile):
                 p.unlink()
+            data.unlink(missing_ok=True)
             meta = {"format": FORMAT, "key": key, "size": size,
                     "sha256": await asyncio.get_running_loop().run_in_executor(
                         None, _sha256, tmp / STATE_FILE),

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import bootstate
+from . import bootstate, datadisk
 from .agentlink import REFUSED, AgentLink, AgentLinkError
 from .backend.accel import Accel, detect
 from .backend.base import Backend, DiskSpec, ExitReason, Machine, MachineSpec, PowerState
@@ -234,6 +234,16 @@ class QemuLifecycle:
                 spec = bootstate.restore_spec(spec)
             # --- networking: the qube's network devices, on descriptors dom0 made ---
             spec = dataclasses.replace(spec, nics=await self.network.prepare(vm))
+            # --- qrexec: the data disk for bulk bytes into the qube (bulkhead.datadisk) ---
+            data_path = datadisk.path_for(self.paths.run, name)
+            spec = datadisk.with_data_disk(spec, data_path)
+            data_disk = None
+            if datadisk.has_data_disk(spec):
+                data_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                datadisk.make_file(data_path)
+                data_disk = datadisk.DataDisk(data_path)
+            else:
+                data_path.unlink(missing_ok=True)   # a daemon that adopts it must not find one
             self._stopped[name] = asyncio.get_running_loop().create_future()
             t_volumes = asyncio.get_running_loop().time()
             try:
@@ -243,7 +253,8 @@ class QemuLifecycle:
             t_launch = asyncio.get_running_loop().time()
             self.machines[name] = machine
             self._watch_disk_errors(vm, machine)
-            link = AgentLink(name, str(machine.agent_socket), on_call=self._on_call)
+            link = AgentLink(name, str(machine.agent_socket), on_call=self._on_call,
+                             data_disk=data_disk)
             self.links[name] = link
             try:
                 if saved is not None:
@@ -300,10 +311,10 @@ class QemuLifecycle:
             nics = self.network.nic_shape(vm)
             if nics is None:
                 return None   # a netvm with an uplink of its own: it boots
-            shape = dataclasses.replace(
+            shape = datadisk.with_data_disk(dataclasses.replace(
                 self._spec(vm, tuple(DiskSpec(v.name, Path("/" + v.name), "qcow2",
                                               readonly=not v.config.rw) for v in volumes),
-                           dict(extra)), nics=nics)
+                           dict(extra)), nics=nics), Path("/" + datadisk.FILE_NAME))
             return states.key_for(shape, Path(image)), shape, str(root.config.source), Path(image)
         except (OSError, QubesException) as e:
             log.info("qube %s: no saved boot state (%s)", vm.name, e)
@@ -366,6 +377,8 @@ class QemuLifecycle:
         link = self.links.pop(name, None)
         if link:
             link.close("start failed")
+            if link.data_disk is not None:
+                link.data_disk.close()
         await self.network.stopped(vm)   # networking
         await self._stop_volumes(vm, started)
 
@@ -400,6 +413,8 @@ class QemuLifecycle:
         link = self.links.pop(name, None)
         if link is not None:
             link.close("the qube stopped")
+            if link.data_disk is not None:
+                link.data_disk.close()
         self.machines.pop(name, None)
         if self.power.get(name) in ACTIVE:
             self.power.move(name, Power.CRASHED if reason == ExitReason.CRASHED else Power.HALTED)
@@ -626,8 +641,16 @@ class QemuLifecycle:
         self._announce.add(vm.name)
         self.power.move(vm, Power.PAUSED if await machine.is_paused() else Power.RUNNING)
         # The agent says HELLO again when it sees dom0 reconnect; don't hold the daemon's start.
+        # Its data disk, if it was started with one (the file stays while QEMU runs).
+        data_path = datadisk.path_for(self.paths.run, vm.name)
+        data_disk = None
+        if data_path.exists():
+            try:
+                data_disk = datadisk.DataDisk(data_path)
+            except OSError as e:
+                log.warning("qube %s: cannot reopen its data disk: %s", vm.name, e)
         self.links[vm.name] = AgentLink(vm.name, str(machine.agent_socket),
-                                        on_call=self._on_call)
+                                        on_call=self._on_call, data_disk=data_disk)
         await self.network.adopt(vm)   # networking: its relay and links, kept running
         return True
 

@@ -128,6 +128,52 @@ def test_qvm_copy_asked_and_allowed_lands_byte_identical(bulkhead, two):
     assert got == want
 
 
+FIND_DATA_DISK = ("for d in /sys/block/*; do [ \"$(cat $d/serial 2>/dev/null)\" = qrexec-data ] "
+                  "&& echo ${d##*/}; done; true")
+
+
+def sectors_read(bulkhead, qube, disk):
+    return int(bulkhead.run(qube, f"cat /sys/block/{disk}/stat").stdout.split()[2])
+
+
+def test_a_copy_comes_into_the_target_through_its_data_disk(bulkhead, two):
+    # The bulk bytes into a qube travel on its read-only data disk (DATA frames say
+    # where), not in frames on host->guest virtio-serial: the target reads them there.
+    disk = bulkhead.run("personal", FIND_DATA_DISK).stdout.strip()
+    assert disk, "personal (one NIC) has a transport to spare: it must have a data disk"
+    assert bulkhead.run("personal", f"cat /sys/block/{disk}/ro").stdout.strip() == "1"
+    bulkhead.run("work", "head -c 20000000 /dev/urandom > /home/user/mid.bin && "
+                         "sha256sum < /home/user/mid.bin > /home/user/mid.sum")
+    bulkhead.run("personal", "rm -rf /home/user/QubesIncoming/work")
+    (policy_dir(bulkhead) / "09-copy.policy").write_text("qubes.Filecopy * work personal allow\n")
+    try:
+        before = sectors_read(bulkhead, "personal", disk)
+        r = bulkhead.run("work", "qvm-copy-to-vm personal /home/user/mid.bin", check=False)
+        assert r.returncode == 0, r
+        read = (sectors_read(bulkhead, "personal", disk) - before) * 512
+    finally:
+        (policy_dir(bulkhead) / "09-copy.policy").unlink()
+    assert read >= 20000000, f"only {read} bytes were read from the data disk"
+    assert bulkhead.run("personal", "sha256sum < /home/user/QubesIncoming/work/mid.bin").stdout \
+        == bulkhead.run("work", "cat /home/user/mid.sum").stdout
+    # dom0's input to a command goes the same way, in order, byte for byte.
+    data = "".join(f"{i:07d}\n" for i in range(200000))
+    assert bulkhead.run("personal", "sha256sum", input=data).stdout.split()[0] == \
+        __import__("hashlib").sha256(data.encode()).hexdigest()
+
+
+def test_a_qube_without_a_transport_to_spare_keeps_the_frames(bulkhead, two):
+    # microvm has 8 virtio-mmio transports: 3 disks, virtio-serial, rng, balloon and
+    # one per NIC.  A netvm with two NICs has none left: no data disk, same service.
+    bulkhead.ensure_running("sys-firewall")
+    nics = int(bulkhead.run("sys-firewall", "ls /sys/class/net | grep -vc '^lo$'").stdout)
+    disk = bulkhead.run("sys-firewall", FIND_DATA_DISK).stdout.strip()
+    assert bool(disk) == (3 + nics + 3 < 8), (nics, disk)
+    data = "x" * 300000 + "end\n"
+    assert bulkhead.run("sys-firewall", "wc -c", user="root", input=data).stdout.strip() \
+        == str(len(data))
+
+
 def test_qvm_copy_denied_delivers_nothing(bulkhead, two):
     bulkhead.run("work", "echo secret > /home/user/small.txt")
     bulkhead.run("personal", "rm -rf /home/user/QubesIncoming/work")

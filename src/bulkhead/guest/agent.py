@@ -7,7 +7,7 @@ code comes back at the end.  It also powers the qube off when dom0 asks.
 
 Start-up speed matters (dom0 counts a qube as started when this agent says
 HELLO), and under TCG every imported module costs tens of milliseconds.  So
-this module imports only builtins -- ``os``, ``sys``, ``select``, ``pwd`` and
+this module imports only builtins -- ``os``, ``sys``, ``select``, ``pwd``, ``time`` and
 the sibling :mod:`protocol` -- and uses ``os.fork``/``os.execve`` and pidfds
 instead of ``subprocess``, ``signal``, ``asyncio`` or threads.
 """
@@ -17,9 +17,11 @@ import pwd
 import select
 import stat
 import sys
+import time
 
 from . import protocol as P
 from .caller import SOCKET as CALL_SOCKET, Caller
+from .datadisk import DataDisk, widen_pipe
 
 PORT_NAME = "org.qubes-os.qrexec"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -29,6 +31,8 @@ RPC_DIRS = ("/etc/qubes-rpc", "/usr/local/etc/qubes-rpc")
 # place of the real programs: `dpkg` would be busybox's.)
 SHELL = ("/bin/sh", "sh")
 READ_CHUNK = 65536
+# Seconds after a spare shell was taken that it is replaced even while calls run.
+SPARE_DELAY = 0.05
 READY_MARK = "/run/bulkhead/agent-ready"
 # How much dom0-bound output may wait in our send buffer before we stop reading
 # from children (credits already bound it per call; this bounds the total).
@@ -83,6 +87,7 @@ class Call:
         self.credit = P.WINDOW            # bytes of output we may still send before dom0 credits us
         self.exit_code = None
         self.orphaned = False             # dom0 went away: discard output, just reap
+        self.wide = False                 # its stdin pipe was widened for DATA runs
 
     def finished(self):
         return self.exit_code is not None and not self.out_fds
@@ -97,9 +102,16 @@ class Agent:
         self.calls = {}        # chan -> Call
         self.by_fd = {}        # fd -> (Call, role) role in "stdin", "out", "pid"; (proc, "spare")
         self.spares = {}       # user -> prespawned shells waiting for their command
+        # Users whose spares to top up, once no call runs and nothing else waits (see
+        # run): even a spawn (spawn_spare) is work for this loop that the call that
+        # took the spare should not wait behind -- its exit, its output.  Between two
+        # calls it overlaps their trip through dom0.
+        self.spares_wanted = set()
+        self.spare_taken_at = 0.0
         self.orphans = set()   # calls of a dom0 connection that has gone, still to be reaped
         self.connected = False
         self.caller = Caller(self)  # the qrexec calls this qube makes (qrexec-client-vm)
+        self.data_disk = DataDisk()  # where dom0 puts bulk bytes (DATA frames)
 
     # --- the port ---------------------------------------------------------
     def open_port(self):
@@ -180,6 +192,8 @@ class Agent:
                     # No exec: the child does the work itself, without the agent's
                     # descriptors (the port above all: a new agent must be able to open it).
                     os.closerange(3, 65536)
+                    os.environ.clear()
+                    os.environ.update(env)
                     os._exit(run())
                 os.execve(path, argv, env)
             except BaseException as e:  # noqa: B036 -- report anything, then die
@@ -189,6 +203,61 @@ class Agent:
                     os._exit(127)
         for fd in (in_r, out_w, err_w, ctl_r):
             if fd is not None:
+                os.close(fd)
+        for fd in (in_w, out_r, err_r):
+            os.set_blocking(fd, False)
+        return pid, os.pidfd_open(pid), in_w, out_r, err_r, ctl_w
+
+    def spawn_spare(self, user):
+        """A spare shell for ``user``, started with posix_spawn (vfork: no copy of this
+        process' page tables, which costs 5-20 ms under TCG and held up calls).
+
+        posix_spawn cannot switch users, so for the spawn this process takes the
+        user's groups and *real* ids, keeping effective and saved root;
+        ``resetids`` makes the child's effective ids the real ones, and its exec of
+        the shell makes the saved ids the same: the shell has nothing of root.
+        Then this process takes its own back (it is single-threaded: nothing else
+        runs meanwhile; for that instant the user's processes could signal it, as
+        they could any process of theirs -- within the qube, whose user it is).
+        Returns what :meth:`spawn` returns; KeyError for an unknown user.
+        """
+        pw = pwd.getpwnam(user)
+        if pw.pw_uid == 0:
+            return self.spawn(user, SHELL[0], self.SPARE_ARGV,
+                              {"QREXEC_REMOTE_DOMAIN": "dom0"}, control=True)
+        env = {
+            "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
+            "SHELL": pw.pw_shell or "/bin/sh", "PATH": PATH, "LANG": "C.UTF-8",
+            "QREXEC_REMOTE_DOMAIN": "dom0",
+        }
+        env.update(GUI_ENV)
+        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
+        # The shell reopens fd 3 by path (/proc/self/fd/3), which checks the pipe's owner.
+        os.fchown(ctl_r, pw.pw_uid, pw.pw_gid)
+        own_groups, own_cwd = os.getgroups(), os.getcwd()
+        try:
+            try:
+                os.chdir(pw.pw_dir)
+            except OSError:
+                pass
+            os.setgroups(groups)
+            os.setresgid(pw.pw_gid, 0, 0)
+            os.setresuid(pw.pw_uid, 0, 0)
+            pid = os.posix_spawn(SHELL[0], self.SPARE_ARGV, env, setsid=True, resetids=True,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0),
+                                               (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                               (os.POSIX_SPAWN_DUP2, err_w, 2),
+                                               (os.POSIX_SPAWN_DUP2, ctl_r, 3)])
+        finally:
+            os.setresuid(0, 0, 0)
+            os.setresgid(0, 0, 0)
+            os.setgroups(own_groups)
+            os.chdir(own_cwd)
+            for fd in (in_r, out_w, err_w, ctl_r):
                 os.close(fd)
         for fd in (in_w, out_r, err_r):
             os.set_blocking(fd, False)
@@ -249,16 +318,18 @@ class Agent:
     SPARE_ARGV = ["sh", "-c", ". /proc/self/fd/3"]
     SPARES_PER_USER = 2
 
-    def prespawn(self, user):
+    def prespawn(self, user, most=SPARES_PER_USER):
+        """Start up to ``most`` spares for ``user``; True if the pool is still short."""
         pool = self.spares.setdefault(user, [])
-        while len(pool) < self.SPARES_PER_USER:
+        while len(pool) < self.SPARES_PER_USER and most > 0:
             try:
-                proc = self.spawn(user, SHELL[0], self.SPARE_ARGV,
-                                  {"QREXEC_REMOTE_DOMAIN": "dom0"}, control=True)
+                proc = self.spawn_spare(user)
             except KeyError:
-                return
+                return False
             pool.append(proc)
             self.by_fd[proc[1]] = (proc, "spare")
+            most -= 1
+        return len(pool) < self.SPARES_PER_USER
 
     def spare_died(self, proc):
         pid, pidfd, in_w, out_r, err_r, ctl_w = proc
@@ -286,7 +357,7 @@ class Agent:
         if proc is None:
             self.start_call(chan, user, SHELL[0], [SHELL[1], "-c", command],
                             {"QREXEC_REMOTE_DOMAIN": "dom0"})
-            self.prespawn(user)
+            self.spares_wanted.add(user)
             return
         self.by_fd.pop(proc[1], None)
         ctl_w = proc[5]
@@ -298,7 +369,8 @@ class Agent:
             pass  # the spare died: the call ends with its exit status
         os.close(ctl_w)
         self.attach(chan, proc)
-        self.prespawn(user)
+        self.spares_wanted.add(user)
+        self.spare_taken_at = time.monotonic()
 
     def refuse(self, chan, message):
         self.send(P.ERROR, chan, message.encode("utf-8")[:1024])
@@ -314,7 +386,7 @@ class Agent:
             return self.start_call(chan, "root", "netconf", [], {}, run=_netconf_main)
         # --- end networking ---
         for d in RPC_DIRS:
-            for candidate in (service, name):
+            for candidate in (service, name) if service != name else (name,):
                 path = "%s/%s" % (d, candidate)
                 if stat.S_ISSOCK(_mode(path)):
                     # Qubes' socket services: a daemon listens there; it gets a header
@@ -323,6 +395,12 @@ class Agent:
                     return self.start_call(chan, user, path, [path], {},
                                            run=lambda: socket_relay(path, header))
                 if os.path.isfile(path):
+                    if path == FILECOPY_SERVICE:
+                        # The template's own unpacker, run in a fork of ours: no Python
+                        # start (~0.3 s under TCG) before the first byte is taken.
+                        return self.start_call(chan, user, path, [path], {
+                            "QREXEC_REMOTE_DOMAIN": source, "QREXEC_SERVICE_FULL_NAME": service,
+                            "QREXEC_SERVICE_ARGUMENT": arg}, run=_filecopy_main)
                     if _is_sh_script(path) and _plain(source):
                         # Sourced by a prespawned shell: no exec of a new /bin/sh, which
                         # is most of a trivial call's time under TCG.  (Only $0 differs.)
@@ -395,6 +473,20 @@ class Agent:
 
     # --- frames from dom0 --------------------------------------------------
     def handle(self, mtype, chan, payload):
+        if mtype == P.DATA:
+            # Bytes dom0 put on our data disk: read them now (dom0 may reuse the place
+            # once we have handled the frames it sent before its next PING), then they
+            # are that stream's frame like any other.
+            mtype, offset, length = P.split_data(
+                payload, (P.STDOUT, P.STDERR) if chan & P.GUEST_CHANNEL else (P.STDIN,))
+            try:
+                payload = self.data_disk.read(offset, length)
+            except OSError as e:
+                raise P.ProtocolViolation("cannot read DATA: %s" % e) from None
+            call = self.calls.get(chan)
+            if call is not None and not call.wide and call.stdin_fd is not None:
+                call.wide = True
+                widen_pipe(call.stdin_fd)
         if mtype == P.HELLO:
             version = P.parse_u32(payload)
             if version != P.VERSION:
@@ -505,7 +597,20 @@ class Agent:
             poller = select.poll()
             for fd, ev in want.items():
                 poller.register(fd, ev)
-            events = poller.poll()
+            timeout = -1
+            if self.spares_wanted:
+                # Once nothing waits and no call runs; or, while calls run (a
+                # long-lived one would hold it off for good), SPARE_DELAY after the
+                # last spare was taken.
+                late = time.monotonic() - self.spare_taken_at - SPARE_DELAY
+                timeout = 0 if not self.calls else max(0, int(-late * 1000) + 1)
+            events = [] if self.calls and timeout == 0 else poller.poll(timeout)
+            if not events and self.spares_wanted:
+                # One at a time, looking for work in between.
+                user = self.spares_wanted.pop()
+                if self.prespawn(user, 1):
+                    self.spares_wanted.add(user)
+                continue
             for fd, ev in events:
                 if fd == self.fd:
                     self.port_event(ev)
@@ -513,6 +618,14 @@ class Agent:
                     self.child_event(fd, ev)
                 elif fd in self.caller.fds:
                     self.caller.event(fd, ev)
+            if self.out:
+                # Send what these events produced now, not a turn of the loop later
+                # (a turn is a poll set rebuilt: a fraction of a ms under TCG, several
+                # per call).  What does not fit waits for POLLOUT as before.
+                try:
+                    del self.out[:os.write(self.fd, self.out)]
+                except OSError:
+                    pass
 
     def port_event(self, ev):
         if ev & POLLOUT and self.out:
@@ -695,6 +808,21 @@ def _netconf_main():
     """In a forked child: apply the network configuration on stdin (imported here only)."""
     from . import netconf  # noqa: PLC0415 -- only when dom0 configures the network
     return netconf.main()
+
+
+FILECOPY_SERVICE = "/etc/qubes-rpc/qubes.Filecopy"
+
+
+def _filecopy_main():
+    """In a forked child, as the user: the qubes.Filecopy unpacker (what that file runs)."""
+    from . import filecopy  # noqa: PLC0415 -- only a qube that is sent files needs it
+    code = 1
+    try:
+        code = filecopy.unpacker_main()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
 
 
 def _plain(word):

@@ -72,6 +72,7 @@ GUEST_FILES = [
     ("guest/protocol.py", "usr/lib/bulkhead/bulkhead_guest/protocol.py", 0o644),
     ("guest/agent.py", "usr/lib/bulkhead/bulkhead_guest/agent.py", 0o644),
     ("guest/caller.py", "usr/lib/bulkhead/bulkhead_guest/caller.py", 0o644),
+    ("guest/datadisk.py", "usr/lib/bulkhead/bulkhead_guest/datadisk.py", 0o644),
     ("guest/filecopy.py", "usr/lib/bulkhead/bulkhead_guest/filecopy.py", 0o644),
     ("guest/files/qrexec-client-vm", "usr/bin/qrexec-client-vm", 0o755),
     ("guest/files/qfile-agent", "usr/lib/bulkhead/qfile-agent", 0o755),

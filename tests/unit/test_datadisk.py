@@ -1,0 +1,191 @@
+"""The data disk: bulk bytes into a qube through a file it sees as a read-only disk.
+
+dom0's side (bulkhead.datadisk, the link's use of it) against the fake guest,
+which reads the bytes a DATA frame names from the file as the real agent does;
+the guest's reader (bulkhead.guest.datadisk) on a real file with O_DIRECT; and
+which machines get the disk (microvm's 8 transports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from bulkhead import datadisk
+from bulkhead.agentlink import AgentLink
+from bulkhead.backend.base import DiskSpec, MachineSpec, NicSpec
+from bulkhead.backend.qemu_argv import build_argv
+from bulkhead.guest import datadisk as guest_datadisk
+from bulkhead.guest import protocol as P
+from fake_guest import FakeGuest, connect, open_exec, run, wait_until
+from fake_guest import sock_dir  # noqa: F401 -- a pytest fixture these tests use
+
+
+def _spec(nics: int) -> MachineSpec:
+    disks = tuple(DiskSpec(n, Path(f"/{n}")) for n in ("root", "private", "volatile"))
+    return MachineSpec(name="work", qid=3, memory_mib=400, vcpus=1, virt_mode="pvh",
+                       kernel=Path("/k"), kernelopts="", disks=disks,
+                       nics=tuple(NicSpec(f"n{i}", "02:00:00:00:00:01", 10 + i)
+                                  for i in range(nics)))
+
+
+# --- which machines get one ----------------------------------------------------------------
+
+def test_a_qube_with_a_transport_to_spare_gets_a_read_only_raw_disk():
+    spec = datadisk.with_data_disk(_spec(1), Path("/run/x/data-disks/work"))
+    disk = spec.disks[-1]
+    assert (disk.name, disk.fmt, disk.readonly) == (P.DATA_DISK_SERIAL, "raw", True)
+    assert datadisk.with_data_disk(spec, Path("/elsewhere")) == spec      # once only
+    from bulkhead.backend.accel import Accel
+    argv = " ".join(build_argv(spec, Accel("tcg", ""), Path("/run/x")))
+    assert f"serial={P.DATA_DISK_SERIAL}" in argv and "readonly=on" in argv
+    # 3 disks + 1 NIC + serial, rng, balloon + the data disk: microvm's 8 transports.
+    assert len(spec.disks) + len(spec.nics) + datadisk.FIXED_TRANSPORTS == datadisk.TRANSPORTS
+
+
+def test_a_netvm_with_two_nics_has_no_room_and_keeps_the_frames():
+    spec = _spec(2)
+    assert datadisk.with_data_disk(spec, Path("/d")) is spec
+    assert not datadisk.has_data_disk(spec)
+
+
+# --- dom0's writer ----------------------------------------------------------------------
+
+async def _setup(sock_dir: Path):
+    path = sock_dir / "data-disk"
+    datadisk.make_file(path)
+    assert path.stat().st_size == datadisk.SIZE
+    disk = datadisk.DataDisk(path)
+    guest = await FakeGuest(sock_dir / "work.sock").start()
+    link = AgentLink("work", str(guest.path), data_disk=disk)
+    end = await connect(link, guest)
+    return guest, link, end, disk, path
+
+
+def _read(path: Path, payload: bytes, allowed=(P.STDIN,)) -> bytes:
+    mtype, offset, length = P.split_data(payload, allowed)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def test_bulk_input_goes_on_the_disk_within_one_slot_and_the_credit(sock_dir):
+    async def scenario():
+        guest, link, end, disk, path = await _setup(sock_dir)
+        call = await open_exec(link, end)
+        data = os.urandom(3 * datadisk.SLOT + 12345)
+        writer = asyncio.create_task(call.write(data))
+        received = b""
+        offsets = set()
+        while len(received) < datadisk.SLOT:
+            mtype, chan, payload = await end.recv()
+            assert (mtype, chan) == (P.DATA, call.chan)
+            offsets.add(P.split_data(payload, (P.STDIN,))[1] // datadisk.SLOT)
+            received += _read(path, payload)
+        # A slot's worth and no credit back: dom0 waits rather than overwrite.
+        assert len(received) == datadisk.SLOT
+        await end.nothing_for(0.2)
+        while len(received) < len(data):
+            await end.send(P.CREDIT, call.chan, P.u32(min(datadisk.SLOT // 2, len(received))))
+            while True:
+                try:
+                    mtype, chan, payload = await end.recv(timeout=0.2)
+                except asyncio.TimeoutError:
+                    break
+                received += _read(path, payload)
+        await asyncio.wait_for(writer, 2.0)
+        assert received == data
+        assert len(offsets) == 1                      # one call, one slot
+        # A small write goes in a frame (a disk read costs the qube more).
+        await end.send(P.CREDIT, call.chan, P.u32(call.window - call.send_credit))
+        await call.write(b"tail")
+        assert await end.recv() == (P.STDIN, call.chan, b"tail")
+        assert link.violations == 0
+        # Credit beyond the slot's window is a violation, as beyond the frames' window.
+        await end.send(P.CREDIT, call.chan, P.u32(5))
+        await wait_until(lambda: link.violations == 1)
+        guest.stop()
+    run(scenario())
+
+
+def test_a_slot_comes_back_at_once_if_all_was_credited_else_after_a_pong(sock_dir):
+    async def scenario():
+        guest, link, end, disk, path = await _setup(sock_dir)
+        call = await open_exec(link, end)
+        await call.write(b"x" * 10000)
+        await end.recv()
+        await end.send(P.CREDIT, call.chan, P.u32(10000))
+        await end.send(P.EXIT, call.chan, P.i32(0))
+        await wait_until(lambda: len(disk._free) == datadisk.SLOTS)
+
+        call = await open_exec(link, end)
+        await call.write(b"y" * 10000)
+        await end.recv()
+        await end.send(P.EXIT, call.chan, P.i32(0))      # exits without reading it all
+        mtype, chan, nonce = await end.recv()
+        assert (mtype, chan) == (P.PING, 0)
+        await asyncio.sleep(0.05)
+        assert len(disk._free) == datadisk.SLOTS - 1      # the guest may still read it
+        await end.send(P.PONG, 0, nonce)
+        await wait_until(lambda: len(disk._free) == datadisk.SLOTS)
+        assert link.violations == 0
+        guest.stop()
+    run(scenario())
+
+
+def test_a_guest_that_keeps_its_slots_only_slows_itself(sock_dir):
+    async def scenario():
+        guest, link, end, disk, path = await _setup(sock_dir)
+        for _ in range(datadisk.SLOTS):
+            call = await open_exec(link, end)
+            await call.write(b"z" * 5000)
+            assert (await end.recv())[0] == P.DATA
+            await end.send(P.EXIT, call.chan, P.i32(0))
+            assert (await end.recv())[0] == P.PING            # never answered
+        call = await open_exec(link, end)
+        await call.write(b"w" * 5000)
+        assert await end.recv() == (P.STDIN, call.chan, b"w" * 5000)   # frames, as before
+        # A new connection (the agent restarted) starts with every slot free.
+        link.close("test")
+        assert len(disk._free) == datadisk.SLOTS
+        guest.stop()
+    run(scenario())
+
+
+# --- the guest's reader ----------------------------------------------------------------------
+
+def test_the_guest_reads_any_range_with_o_direct(tmp_path_factory):
+    # O_DIRECT needs a file system that has it (not tmpfs): /var/tmp.
+    d = Path(os.environ.get("BULKHEAD_TEST_ROOT", "/var/tmp"))
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"datadisk-test-{os.getpid()}"
+    content = os.urandom(3 * 4096 + 100)
+    path.write_bytes(content)
+    try:
+        reader = guest_datadisk.DataDisk()
+        try:
+            reader.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            pytest.skip("no O_DIRECT on this file system")
+        import mmap
+        reader.buf = mmap.mmap(-1, P.DATA_MAX + 2 * guest_datadisk.ALIGN)
+        reader.size = len(content)
+        for offset, length in ((0, 1), (1, 511), (511, 2), (700, 8000), (4096, 4096),
+                               (len(content) - 7, 7)):
+            assert reader.read(offset, length) == content[offset:offset + length]
+        with pytest.raises(P.ProtocolViolation):
+            reader.read(len(content) - 7, 8)
+        os.close(reader.fd)
+    finally:
+        path.unlink()
+
+
+def test_data_frames_name_only_the_streams_dom0_sends():
+    assert P.split_data(P.pack_data(P.STDIN, 4096, 10), (P.STDIN,)) == (P.STDIN, 4096, 10)
+    for bad in (P.pack_data(P.EXIT, 0, 10), P.pack_data(P.STDIN, 0, 0),
+                P.pack_data(P.STDIN, 0, P.DATA_MAX + 1), b"short"):
+        with pytest.raises(P.ProtocolViolation):
+            P.split_data(bad, (P.STDIN,))
