@@ -8,12 +8,13 @@ code comes back at the end.  It also powers the qube off when dom0 asks.
 Start-up speed matters (dom0 counts a qube as started when this agent says
 HELLO), and under TCG every imported module costs tens of milliseconds.  So
 this module imports only builtins -- ``os``, ``sys``, ``select``, ``pwd``, ``time`` and
-the sibling :mod:`protocol` -- and uses ``os.fork``/``os.execve`` and pidfds
+its siblings (:mod:`protocol`, :mod:`spawn`: how a call's process starts,
+:mod:`services`: services run in a fork of the agent, :mod:`restore`: a restored
+qube becoming itself, imported only there) -- and uses ``os.fork``/``os.execve`` and pidfds
 instead of ``subprocess``, ``signal``, ``asyncio`` or threads.
 """
 
 import os
-import pwd
 import select
 import stat
 import sys
@@ -22,27 +23,18 @@ import time
 from . import protocol as P
 from .caller import SOCKET as CALL_SOCKET, Caller
 from .datadisk import DataDisk, widen_pipe
+from .spawn import PATH, SHELL, spawn, spawn_root, spawn_spare
+from .services import (FILECOPY_SERVICE, NETCONF_SERVICE, READ_CHUNK, filecopy_main,
+                       is_sh_script, mode, netconf_main, plain, socket_relay)
 
 PORT_NAME = "org.qubes-os.qrexec"
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RPC_DIRS = ("/etc/qubes-rpc", "/usr/local/etc/qubes-rpc")
-# Commands run with Debian's /bin/sh, as Qubes' agent runs them.  (Busybox's
-# static shell would start faster under TCG, but it runs its own applets in
-# place of the real programs: `dpkg` would be busybox's.)
-SHELL = ("/bin/sh", "sh")
-READ_CHUNK = 65536
 # Seconds after a spare shell was taken that it is replaced even while calls run.
 SPARE_DELAY = 0.05
 READY_MARK = "/run/bulkhead/agent-ready"
 # How much dom0-bound output may wait in our send buffer before we stop reading
 # from children (credits already bound it per call; this bounds the total).
 OUT_HIGH_WATER = 4 * 1024 * 1024
-# --- GUI (issue 10): in a qube with a GUI agent, commands find its X server (as in Qubes).
-try:
-    with open("/proc/cmdline") as _f:
-        GUI_ENV = {"DISPLAY": ":0"} if "bulkhead.gui=1" in _f.read().split() else {}
-except OSError:
-    GUI_ENV = {}
 
 POLLIN = select.POLLIN
 POLLOUT = select.POLLOUT
@@ -148,140 +140,6 @@ class Agent:
         self.hello()
 
     # --- calls ----------------------------------------------------------------
-    def spawn(self, user, path, argv, extra_env, control=False, run=None):
-        """Fork and exec ``argv`` as ``user`` with fresh stdin/stdout/stderr pipes.
-
-        With ``control``, the child also gets a pipe on fd 3 and the result
-        holds its write end (see :meth:`prespawn`).  Returns
-        ``(pid, pidfd, stdin_w, stdout_r, stderr_r, control_w)``; raises
-        KeyError for an unknown user.
-        """
-        pw = pwd.getpwnam(user)
-        env = {
-            "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
-            "SHELL": pw.pw_shell or "/bin/sh", "PATH": PATH, "LANG": "C.UTF-8",
-        }
-        env.update(GUI_ENV)
-        env.update(extra_env)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC) if control else (None, None)
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            try:
-                os.setsid()
-                for src, dst in ((in_r, 0), (out_w, 1), (err_w, 2), (ctl_r, 3)):
-                    if src == dst:
-                        os.set_inheritable(dst, True)  # dup2 onto itself keeps close-on-exec
-                    elif src is not None:
-                        os.dup2(src, dst)
-                if pw.pw_uid != 0:
-                    if ctl_r is not None:
-                        # The shell reopens fd 3 by path (/proc/self/fd/3), which checks
-                        # the pipe's owner: make it the user's.
-                        os.fchown(3, pw.pw_uid, pw.pw_gid)
-                    os.initgroups(pw.pw_name, pw.pw_gid)
-                    os.setgid(pw.pw_gid)
-                    os.setuid(pw.pw_uid)
-                try:
-                    os.chdir(pw.pw_dir)
-                except OSError:
-                    os.chdir("/")
-                if run is not None:
-                    # No exec: the child does the work itself, without the agent's
-                    # descriptors (the port above all: a new agent must be able to open it).
-                    os.closerange(3, 65536)
-                    os.environ.clear()
-                    os.environ.update(env)
-                    os._exit(run())
-                os.execve(path, argv, env)
-            except BaseException as e:  # noqa: B036 -- report anything, then die
-                try:
-                    os.write(2, ("bulkhead-agent: cannot run %s: %s\n" % (path, e)).encode())
-                finally:
-                    os._exit(127)
-        for fd in (in_r, out_w, err_w, ctl_r):
-            if fd is not None:
-                os.close(fd)
-        for fd in (in_w, out_r, err_r):
-            os.set_blocking(fd, False)
-        return pid, os.pidfd_open(pid), in_w, out_r, err_r, ctl_w
-
-    def spawn_spare(self, user):
-        """A spare shell for ``user``, started with posix_spawn (vfork: no copy of this
-        process' page tables, which costs 5-20 ms under TCG and held up calls).
-
-        posix_spawn cannot switch users, so for the spawn this process takes the
-        user's groups and *real* ids, keeping effective and saved root;
-        ``resetids`` makes the child's effective ids the real ones, and its exec of
-        the shell makes the saved ids the same: the shell has nothing of root.
-        Then this process takes its own back (it is single-threaded: nothing else
-        runs meanwhile; for that instant the user's processes could signal it, as
-        they could any process of theirs -- within the qube, whose user it is).
-        Returns what :meth:`spawn` returns; KeyError for an unknown user.
-        """
-        pw = pwd.getpwnam(user)
-        if pw.pw_uid == 0:
-            return self.spawn(user, SHELL[0], self.SPARE_ARGV,
-                              {"QREXEC_REMOTE_DOMAIN": "dom0"}, control=True)
-        env = {
-            "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
-            "SHELL": pw.pw_shell or "/bin/sh", "PATH": PATH, "LANG": "C.UTF-8",
-            "QREXEC_REMOTE_DOMAIN": "dom0",
-        }
-        env.update(GUI_ENV)
-        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
-        # The shell reopens fd 3 by path (/proc/self/fd/3), which checks the pipe's owner.
-        os.fchown(ctl_r, pw.pw_uid, pw.pw_gid)
-        own_groups, own_cwd = os.getgroups(), os.getcwd()
-        try:
-            try:
-                os.chdir(pw.pw_dir)
-            except OSError:
-                pass
-            os.setgroups(groups)
-            os.setresgid(pw.pw_gid, 0, 0)
-            os.setresuid(pw.pw_uid, 0, 0)
-            pid = os.posix_spawn(SHELL[0], self.SPARE_ARGV, env, setsid=True, resetids=True,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0),
-                                               (os.POSIX_SPAWN_DUP2, out_w, 1),
-                                               (os.POSIX_SPAWN_DUP2, err_w, 2),
-                                               (os.POSIX_SPAWN_DUP2, ctl_r, 3)])
-        finally:
-            os.setresuid(0, 0, 0)
-            os.setresgid(0, 0, 0)
-            os.setgroups(own_groups)
-            os.chdir(own_cwd)
-            for fd in (in_r, out_w, err_w, ctl_r):
-                os.close(fd)
-        for fd in (in_w, out_r, err_r):
-            os.set_blocking(fd, False)
-        return pid, os.pidfd_open(pid), in_w, out_r, err_r, ctl_w
-
-    def spawn_root(self, path, argv):
-        """Run a root program of the agent's own (rc.qube) with posix_spawn: no fork of
-        this process (copying its page tables is ~70 ms under TCG), no user switch."""
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            pid = os.posix_spawn(path, argv, {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8"},
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0),
-                                               (os.POSIX_SPAWN_DUP2, out_w, 1),
-                                               (os.POSIX_SPAWN_DUP2, err_w, 2)],
-                                 setsid=True)
-        finally:
-            for fd in (in_r, out_w, err_w):
-                os.close(fd)
-        for fd in (in_w, out_r, err_r):
-            os.set_blocking(fd, False)
-        return pid, os.pidfd_open(pid), in_w, out_r, err_r, None
-
     def attach(self, chan, proc):
         """Make a spawned process the call on channel ``chan``."""
         pid, pidfd, in_w, out_r, err_r, _ = proc
@@ -304,7 +162,7 @@ class Agent:
         if not self.check_new_call(chan):
             return
         try:
-            self.attach(chan, self.spawn(user, path, argv, extra_env, run=run))
+            self.attach(chan, spawn(user, path, argv, extra_env, run=run))
         except KeyError:
             self.refuse(chan, "no such user: %s" % user)
 
@@ -315,7 +173,6 @@ class Agent:
     # command runs exactly as ``sh -c`` would run it, in that same shell.
     # Two spares per user: back-to-back calls then each find one whose start
     # has had two calls' time to finish.
-    SPARE_ARGV = ["sh", "-c", ". /proc/self/fd/3"]
     SPARES_PER_USER = 2
 
     def prespawn(self, user, most=SPARES_PER_USER):
@@ -323,7 +180,7 @@ class Agent:
         pool = self.spares.setdefault(user, [])
         while len(pool) < self.SPARES_PER_USER and most > 0:
             try:
-                proc = self.spawn_spare(user)
+                proc = spawn_spare(user)
             except KeyError:
                 return False
             pool.append(proc)
@@ -383,12 +240,12 @@ class Agent:
         if service == NETCONF_SERVICE:
             if source != "dom0":
                 return self.refuse(chan, "%s is dom0's alone" % NETCONF_SERVICE)
-            return self.start_call(chan, "root", "netconf", [], {}, run=_netconf_main)
+            return self.start_call(chan, "root", "netconf", [], {}, run=netconf_main)
         # --- end networking ---
         for d in RPC_DIRS:
             for candidate in (service, name) if service != name else (name,):
                 path = "%s/%s" % (d, candidate)
-                if stat.S_ISSOCK(_mode(path)):
+                if stat.S_ISSOCK(mode(path)):
                     # Qubes' socket services: a daemon listens there; it gets a header
                     # "SERVICE+ARG SOURCE\0", then the call's data both ways.
                     header = ("%s %s" % (service, source)).encode() + b"\0"
@@ -400,8 +257,8 @@ class Agent:
                         # start (~0.3 s under TCG) before the first byte is taken.
                         return self.start_call(chan, user, path, [path], {
                             "QREXEC_REMOTE_DOMAIN": source, "QREXEC_SERVICE_FULL_NAME": service,
-                            "QREXEC_SERVICE_ARGUMENT": arg}, run=_filecopy_main)
-                    if _is_sh_script(path) and _plain(source):
+                            "QREXEC_SERVICE_ARGUMENT": arg}, run=filecopy_main)
+                    if is_sh_script(path) and plain(source):
                         # Sourced by a prespawned shell: no exec of a new /bin/sh, which
                         # is most of a trivial call's time under TCG.  (Only $0 differs.)
                         self.run_in_spare(chan, user, "export QREXEC_REMOTE_DOMAIN=%s "
@@ -422,16 +279,17 @@ class Agent:
         seed, name, resize, sizes, macs = P.split_resume(payload)
         if not self.check_new_call(chan):
             return
+        from . import restore  # noqa: PLC0415 -- only a restored qube needs it
         try:
-            reseed(seed)
+            restore.reseed(seed)
         except OSError as e:
             # Never run as this qube on a state another qube shares: dom0 fails the start.
             self.refuse(chan, "cannot reseed the kernel's RNG: %s" % e)
             return
-        forget_disks(sizes)
-        own_macs(macs)
+        restore.forget_disks(sizes)
+        restore.own_macs(macs)
         try:
-            self.attach(chan, self.spawn_root(RC_QUBE, [RC_QUBE, name, "1" if resize else "0"]))
+            self.attach(chan, spawn_root(RC_QUBE, [RC_QUBE, name, "1" if resize else "0"]))
         except OSError as e:
             self.refuse(chan, "cannot run %s: %s" % (RC_QUBE, e))
 
@@ -556,7 +414,7 @@ class Agent:
         if _saved_boot():
             # This boot's state is saved: what a restore needs is loaded now, once,
             # rather than by each restored qube.
-            import fcntl  # noqa: F401
+            from . import restore  # noqa: F401
             # ...and what only the boot read is let go: the page cache and the
             # dentries and inodes of the boot's files.  Freed, it is reported to the
             # host (the balloon's free page reporting, order 0: rc.sysinit), so the
@@ -703,12 +561,8 @@ class Agent:
         self.maybe_finish(call)
 
 
-# --- a restored boot state ------------------------------------------------------
 RC_QUBE = "/usr/lib/bulkhead/rc.qube"
 RC_SHUTDOWN = "/usr/lib/bulkhead/rc.shutdown"
-RNDADDENTROPY = 0x40085203   # _IOW('R', 0x03, int[2])
-RNDRESEEDCRNG = 0x5207       # _IO('R', 0x07)
-BLKFLSBUF = 0x1261           # _IO(0x12, 97)
 
 
 def _saved_boot():
@@ -717,174 +571,6 @@ def _saved_boot():
             return "bulkhead.saved=1" in f.read().split()
     except OSError:
         return False
-
-
-def reseed(seed):
-    """Mix dom0's fresh bytes into the kernel's pool, credited, and make the CRNG rekey
-    now: every qube restored from one saved state had the same pool until here."""
-    import fcntl   # lazily: only a restored qube pays for it
-    info = (len(seed) * 8).to_bytes(4, "little") + len(seed).to_bytes(4, "little") + seed
-    try:
-        fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            fcntl.ioctl(fd, RNDADDENTROPY, info)
-            fcntl.ioctl(fd, RNDRESEEDCRNG)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        log("cannot reseed the kernel's RNG: %s" % e)
-        raise
-
-
-SIOCSIFHWADDR = 0x8924
-
-
-def own_macs(macs):
-    """Give each network device this qube's MAC in place of the saved boot's (the
-    devices are still down: the network is set up after, by dom0's configuration)."""
-    if not macs:
-        return
-    import fcntl
-    import socket
-    try:
-        names = os.listdir("/sys/class/net")
-    except OSError:
-        return
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        for name in names:
-            try:
-                with open("/sys/class/net/%s/address" % name) as f:
-                    saved = f.read().strip()
-            except OSError:
-                continue
-            own = macs.get(saved)
-            if own is None:
-                continue
-            ifr = (name.encode()[:15].ljust(16, b"\0") + (1).to_bytes(2, "little")   # ARPHRD_ETHER
-                   + bytes(int(x, 16) for x in own.split(":")) + bytes(8))
-            try:
-                fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, ifr)
-            except OSError as e:
-                log("cannot set the MAC of %s: %s" % (name, e))
-    finally:
-        s.close()
-
-
-def forget_disks(sizes, timeout_ms=3000):
-    """Make the kernel forget the placeholder disks of the saved boot: wait until it has
-    taken each disk's real capacity (dom0 signals it with a resize), then drop every
-    sector it cached from them."""
-    import fcntl
-    waited = 0
-    for disk, sectors in sizes.items():
-        path = "/sys/block/%s/size" % disk
-        while True:
-            try:
-                with open(path) as f:
-                    now = int(f.read().strip() or "0")
-            except (OSError, ValueError):
-                break
-            if now == sectors or waited >= timeout_ms:
-                if now != sectors:
-                    log("%s still has %d sectors, not %d" % (disk, now, sectors))
-                break
-            select.poll().poll(5)
-            waited += 5
-        try:
-            fd = os.open("/dev/" + disk, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(fd, BLKFLSBUF)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            log("cannot flush the cached sectors of %s: %s" % (disk, e))
-
-
-NETCONF_SERVICE = "bulkhead.NetConfig"
-
-
-def _netconf_main():
-    """In a forked child: apply the network configuration on stdin (imported here only)."""
-    from . import netconf  # noqa: PLC0415 -- only when dom0 configures the network
-    return netconf.main()
-
-
-FILECOPY_SERVICE = "/etc/qubes-rpc/qubes.Filecopy"
-
-
-def _filecopy_main():
-    """In a forked child, as the user: the qubes.Filecopy unpacker (what that file runs)."""
-    from . import filecopy  # noqa: PLC0415 -- only a qube that is sent files needs it
-    code = 1
-    try:
-        code = filecopy.unpacker_main()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    return code
-
-
-def _plain(word):
-    return bool(word) and all(c.isascii() and (c.isalnum() or c in "._-") for c in word)
-
-
-def _is_sh_script(path):
-    """An executable ``#!/bin/sh`` script, whose name and arguments are plain words
-    (service names, qube names: checked by the protocol), so safe in a shell line."""
-    if not os.access(path, os.X_OK) or not all(c.isalnum() or c in "/._+-" for c in path):
-        return False
-    try:
-        with open(path, "rb") as f:
-            return f.readline(64).rstrip() == b"#!/bin/sh"
-    except OSError:
-        return False
-
-
-def _mode(path):
-    try:
-        return os.stat(path).st_mode
-    except OSError:
-        return 0
-
-
-def socket_relay(path, header):
-    """In a forked child: join stdin/stdout to a socket service; 0 when it hangs up."""
-    import socket  # noqa: PLC0415 -- only socket services need it
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        s.sendall(header)
-    except OSError as e:
-        os.write(2, ("cannot connect to %s: %s\n" % (path, e)).encode())
-        return 127
-    sock = s.fileno()
-    open_in = True
-    while True:
-        for fd in _readable([0] if open_in else [], sock):
-            data = os.read(fd, READ_CHUNK)
-            if fd == sock:
-                if not data:
-                    return 0
-                _write_all(1, data)
-            elif data:
-                s.sendall(data)
-            else:
-                open_in = False
-                s.shutdown(socket.SHUT_WR)
-
-
-def _readable(fds, sock):
-    poller = select.poll()
-    for fd in fds + [sock]:
-        poller.register(fd, POLLIN)
-    return [fd for fd, _ in poller.poll()]
-
-
-def _write_all(fd, data):
-    while data:
-        data = data[os.write(fd, data):]
 
 
 def main():
