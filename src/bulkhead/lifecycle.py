@@ -212,6 +212,10 @@ class QemuLifecycle:
             # --- GUI (issue 10): Qubes' `gui` feature says the qube runs a GUI agent.
             if _wants_gui(vm):
                 extra["gui"] = "1"
+            # A netvm applies each firewall change with Python and nft: it keeps the
+            # full TCG translation cache (backend/qemu_argv.tcg_tb_size_mib).
+            if getattr(vm, "provides_network", False):
+                extra["netvm"] = "1"
             volumes = self.volumes(vm)
             saved = self._saved_state(vm, volumes, extra) if use_saved_state else None
             if saved is not None:

@@ -271,3 +271,16 @@ def test_paths_with_commas_are_escaped():
     assert qemu_opts(drive)["file"] == "/home/u/bulkhead,test/root.qcow2"
     chardevs = {c["id"]: c for c in (qemu_opts(v) for v in values(argv, "-chardev"))}
     assert chardevs["qrexec"]["path"] == str(run_dir / "qrexec.sock")
+
+
+@pytest.mark.parametrize("extra, mib", [
+    ({}, qemu.TCG_TB_SIZE_MIB),                                      # a cold boot
+    ({"boot_state": "save"}, qemu.TCG_TB_SIZE_MIB),                  # the boot that is saved
+    ({"boot_state": "restore"}, qemu.TCG_TB_SIZE_RESTORED_MIB),      # an idle AppVM's start
+    ({"boot_state": "restore", "netvm": "1"}, qemu.TCG_TB_SIZE_MIB),  # firewall changes: Python
+    ({"boot_state": "restore", "gui": "1"}, qemu.TCG_TB_SIZE_MIB),    # the GUI agent: Python
+])
+def test_tcg_translation_cache_by_what_the_machine_runs(extra, mib):
+    argv = qemu.build_argv(pvh(extra=extra), TCG, Path("/run/q"))
+    assert argv[argv.index("-accel") + 1] == f"tcg,tb-size={mib}"
+    assert qemu.TCG_TB_SIZE_RESTORED_MIB < qemu.TCG_TB_SIZE_MIB
