@@ -19,14 +19,16 @@ GUI_PORT = "org.bulkhead.gui"   # the GUI agent's port (bulkhead.guest.gui_proto
 # inflates every machine's RSS.  32 MiB was measured best here: 16 makes boots 40 %
 # slower, 64 gains ~3 % for +35 MiB.  BULKHEAD_TCG_TB_SIZE_MIB overrides it (tuning).
 TCG_TB_SIZE_MIB = int(os.environ.get("BULKHEAD_TCG_TB_SIZE_MIB", "32"))
-# A qube restored from a saved boot state (bulkhead.bootstate) never runs the boot:
-# its cache holds only what it runs itself, and a running qube fills whatever size
-# it has within minutes (translations are never given back).  16 MiB there is 16 MiB
-# less per qube on the host, for Python-heavy commands ~20 % slower than with 32
-# (measured: bench/memory.py); 8 would make them 8x slower (the cache thrashes).
-# Netvms and GUI qubes keep 32: with 16, a firewall change took 1.6 s instead of
-# 0.65 s to apply in sys-firewall (bench/network.py), and the GUI agent is Python.
-TCG_TB_SIZE_RESTORED_MIB = int(os.environ.get("BULKHEAD_TCG_TB_SIZE_RESTORED_MIB", "16"))
+# A qube restored from a saved boot state (bulkhead.bootstate) never runs the boot,
+# so it could do with less: a running qube fills whatever cache it has within
+# minutes (translations are never given back).  16 MiB there saves 11-16 MiB per
+# qube on the host, but measured in one hour: a trivial qrexec call 79 ms instead of
+# 38, a restored start 567 ms instead of 451, Python-heavy commands ~20 % slower,
+# and in sys-firewall a firewall change 1.6 s instead of 0.6 s.  So the default is
+# the full cache; BULKHEAD_TCG_TB_SIZE_RESTORED_MIB=16 trades that speed for memory
+# on a host short of it (netvms and GUI qubes keep the full cache even then).
+TCG_TB_SIZE_RESTORED_MIB = int(os.environ.get("BULKHEAD_TCG_TB_SIZE_RESTORED_MIB",
+                                              str(TCG_TB_SIZE_MIB)))
 
 
 def tcg_tb_size_mib(spec: MachineSpec) -> int:
