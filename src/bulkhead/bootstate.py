@@ -140,6 +140,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _their_words(text: str) -> str:
+    """The end of what a restored guest said, for an error: printable characters only."""
+    return "".join(c if c.isprintable() else " " for c in text).strip()[-300:]
+
+
 def builder_spec(spec: MachineSpec, key: str, root: Path, private: Path,
                  volatile: Path, nic_fds: list[int], data: Path | None = None) -> MachineSpec:
     """The machine whose boot is saved: the qube's shape under a neutral name and qid,
@@ -176,8 +181,7 @@ def neutral_nics(spec: MachineSpec, fds: list[int] | None = None) -> tuple[Any, 
 def restorable_nics(spec: MachineSpec) -> bool:
     """Only links through dom0's relay can be given after a restore: a tap or passt
     uplink is its own device, a netvm with one boots cold."""
-    return all(getattr(n, "kind", "dgram") in ("link", "dgram")
-               for n in getattr(spec, "nics", ()))
+    return all(getattr(n, "kind", "link") == "link" for n in getattr(spec, "nics", ()))
 
 
 def saved_extra(spec: MachineSpec) -> dict[str, str]:
@@ -497,8 +501,7 @@ class BootStates:
                 kind, value = await asyncio.wait_for(call.next_event(),
                                                      max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                said = "".join(c if c.isprintable() else " " for c in
-                               output.decode(errors="replace")).strip()[-300:]
+                said = _their_words(output.decode(errors="replace"))
                 raise RestoreFailed(st, f"qube {vm.name!r}: its own part of the boot did not "
                                         f"end within {min(timeout, RESUME_TIMEOUT):.0f} s "
                                         f"after the restore from {st.key}"
@@ -510,8 +513,7 @@ class BootStates:
                     log.info("qube %s: restored from %s in %.0f ms, its own boot %.0f ms",
                              vm.name, st.key, (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
                     return
-                said = "".join(c if c.isprintable() else " " for c in
-                               (output.decode(errors="replace") + str(value))).strip()[-300:]
+                said = _their_words(output.decode(errors="replace") + str(value))
                 raise RestoreFailed(st, f"qube {vm.name!r}: its own part of the boot failed "
                                         f"after the restore from {st.key}: {said}")
 

@@ -46,13 +46,13 @@ class NicSpec:
     """One network device: a virtio-net on a descriptor dom0 made (see bulkhead.network).
 
     ``kind``: ``link`` (a tap in a namespace of its own: a link to another qube through
-    dom0's VLAN relay, bulkhead.network.link), ``dgram`` (an AF_UNIX datagram socket),
-    ``stream`` (a stream socket: passt) or ``tap`` (a tap device: sys-net's uplink)."""
+    dom0's VLAN relay, bulkhead.network.link), ``stream`` (a stream socket: passt) or
+    ``tap`` (a tap device: sys-net's uplink)."""
 
     name: str
     mac: str
     fd: int
-    kind: str = "dgram"
+    kind: str = "link"
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def build_argv(spec: MachineSpec, accel: Accel, run_dir: Path,
         elif nic.kind == "stream":
             netdev = f"stream,id={nic.name},addr.type=fd,addr.str={nic.fd}"
         else:
-            netdev = f"dgram,id={nic.name},local.type=fd,local.str={nic.fd}"
+            raise ValueError(f"unknown network device kind {nic.kind!r}")
         argv += ["-netdev", netdev, "-device", f"virtio-net-{bus},netdev={nic.name},mac={nic.mac}"]
     # --- end networking ---
 
