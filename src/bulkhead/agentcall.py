@@ -110,6 +110,18 @@ class Call:
             await self.link.send(mtype, self.chan, bytes(view[:n]))
             view = view[n:]
 
+    async def wait_credit(self, at_least: int) -> None:
+        """Until the guest's credit lets ``at_least`` bytes (at most the window) go at
+        once, or the call ended.
+
+        A relay waits so before it takes more of the other side's bytes: what came
+        meanwhile then goes as one DATA frame (or a few frames), where sending each
+        piece as it came would cost the guest a disk read and a turn of its agent's
+        loop per piece -- while it still had bytes to handle, so for nothing."""
+        while self.send_credit < min(at_least, self.window) and not self.done:
+            self.credit_event.clear()
+            await self.credit_event.wait()
+
     async def grant(self, extra: int) -> None:
         """Let the guest send ``extra`` bytes more than the usual window on this call
         (what dom0 may hold for it grows by as much)."""

@@ -20,8 +20,9 @@ F_SETPIPE_SZ = 1031
 
 
 def widen_pipe(fd):
-    """Let a child's input pipe hold a whole DATA run: one write and one CREDIT for
-    it, not one per 64 KiB (each a turn of the agent's loop under TCG)."""
+    """Let the pipe ``fd`` hold a whole DATA run (1 MiB): one write and one CREDIT for
+    it, not one per 64 KiB (each a turn of the agent's loop under TCG).  Used for a
+    child's input, a call's input and the file-copy sender's output."""
     import fcntl  # noqa: PLC0415 -- as mmap above
 
     try:

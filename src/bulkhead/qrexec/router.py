@@ -206,6 +206,7 @@ async def join(caller: Call, service: Call) -> None:
     error: str | None = None
     try:
         while True:
+            await caller.wait_credit(caller.window // 2)      # batches: see Call.wait_credit
             event = asyncio.ensure_future(service.next_event(RELAY_CHUNK))
             await asyncio.wait({event, inbound}, return_when=asyncio.FIRST_COMPLETED)
             if not event.done():          # the caller went away: nobody waits for the service
@@ -241,6 +242,7 @@ async def _caller_to_service(caller: Call, service: Call) -> None:
     granted = False
     try:
         while True:
+            await service.wait_credit(service.window // 2)    # batches: see Call.wait_credit
             kind, value = await caller.next_event(RELAY_CHUNK)
             if kind == "stdin":
                 assert isinstance(value, bytes)
