@@ -128,6 +128,10 @@ def test_each_qemu_runs_jailed_under_its_own_uid(bulkhead, two_running):
         assert st["Gid"].split()[0] != "0"
         assert st["CapEff"] == st["CapPrm"] == st["CapBnd"] == "0000000000000000", q
         assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", q   # QEMU's filter is on
+        # Under TCG no transparent huge pages (bulkhead.backend.thp); under KVM they stay.
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        tcg = argv[argv.index(b"-accel") + 1].startswith(b"tcg")
+        assert st["THP_enabled"] == ("0" if tcg else "1"), q
         # PID 1 of a namespace of its own; dom0's (empty) network namespace.
         assert st["NSpid"].split()[-1] == "1"
         assert os.readlink(f"/proc/{pid}/ns/net") == \

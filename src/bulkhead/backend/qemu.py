@@ -49,7 +49,7 @@ from qemu.qmp import ConnectError, EventListener, QMPClient, QMPError
 
 from ..config import Paths
 from ..errors import BackendError
-from . import cgroup, jail
+from . import cgroup, jail, thp
 from .accel import Accel
 from .base import Backend, ExitCallback, ExitReason, Machine, MachineSpec
 from .qemu_argv import QEMU, build_argv, is_direct_boot
@@ -496,11 +496,12 @@ class QemuBackend(Backend):
             for i in inherited:
                 os.set_inheritable(i, True)
             # QEMU gets nothing of the daemon's environment: only what it needs.
-            spawned = os.posix_spawnp(
-                cmd[0], cmd, QEMU_ENV,
-                file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                              (os.POSIX_SPAWN_DUP2, fd, 1), (os.POSIX_SPAWN_DUP2, fd, 2)],
-                setsid=True)
+            with thp.disabled_for_children(self.accel.name != "kvm"):
+                spawned = os.posix_spawnp(
+                    cmd[0], cmd, QEMU_ENV,
+                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                                  (os.POSIX_SPAWN_DUP2, fd, 1), (os.POSIX_SPAWN_DUP2, fd, 2)],
+                    setsid=True)
         except OSError as e:
             if info_r >= 0:
                 os.close(info_r)
