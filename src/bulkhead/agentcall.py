@@ -61,6 +61,7 @@ class Call:
         self.data_slot: int | None = None     # our slot on the qube's data disk, if any
         self.data_pos = 0                     # where the next bytes go in that slot
         self.recv_granted = P.WINDOW          # bytes the guest may still send us on this call
+        self.granted = 0                      # ...of which granted beyond the window (grant())
         self.credit_event = asyncio.Event()
         self.open_streams = set(_FROM_GUEST[inbound])
         self.done = False
@@ -127,6 +128,10 @@ class Call:
         (what dom0 may hold for it grows by as much)."""
         if self.done or extra <= 0:
             return
+        # The guest counts on it: past GRANT_MAX, credit means bytes read (its data disk's
+        # chunks are reused by that rule; bulkhead.guest.datadisk).
+        assert self.granted + extra <= P.GRANT_MAX, "grant beyond the protocol's GRANT_MAX"
+        self.granted += extra
         self.recv_granted += extra
         await self.link.send(P.CREDIT, self.chan, P.u32(extra))
 

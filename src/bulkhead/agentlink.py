@@ -374,6 +374,19 @@ class AgentLink:
             raise P.ProtocolViolation(f"{what} repeated too often (at most {CONTROL_BURST}, "
                                       f"then one per {CONTROL_REFILL_SECONDS:.0f} s)")
 
+    def _data_from_guest(self, call: Call, untrusted_payload: bytes) -> tuple[int, bytes]:
+        """A qube's DATA (only on a call it made): the input bytes it put in its own
+        area of its data disk, read now, before any later frame can be handled
+        (:mod:`bulkhead.datadisk`); then they go on as a STDIN frame's would."""
+        if self.data_disk is None:
+            raise P.ProtocolViolation("DATA from a qube that has no data disk")
+        mtype, untrusted_offset, length = P.split_data(untrusted_payload, (P.STDIN,))
+        if mtype not in call.open_streams:
+            raise P.ProtocolViolation(f"DATA on channel {call.chan} after its end")
+        if length > call.recv_granted:
+            raise P.ProtocolViolation(f"channel {call.chan} sent more input than its credit")
+        return mtype, self.data_disk.read_out(untrusted_offset, length)
+
     def _inbound_call(self, chan: int, untrusted_payload: bytes) -> None:
         """The qube asks for a qrexec call (CALL on a channel of its own)."""
         if chan in self.calls:
@@ -462,6 +475,8 @@ class AgentLink:
         call = self.calls.get(chan) or self._retired.get(chan)
         if call is None:
             raise P.ProtocolViolation(f"{P.NAMES[mtype]} for channel {chan}, which is not open")
+        if mtype == P.DATA:
+            mtype, untrusted_payload = self._data_from_guest(call, untrusted_payload)
         if mtype in (P.STDOUT, P.STDERR, P.STDIN):
             if mtype not in call.open_streams:
                 raise P.ProtocolViolation(f"{P.NAMES[mtype]} on channel {chan} after its end")

@@ -153,7 +153,7 @@ def builder_spec(spec: MachineSpec, key: str, root: Path, private: Path,
     lead nowhere."""
     disks = (DiskSpec("root", root), DiskSpec("private", private), DiskSpec("volatile", volatile))
     if data is not None and datadisk.has_data_disk(spec):
-        disks += (DiskSpec(P.DATA_DISK_SERIAL, data, "raw", readonly=True),)
+        disks += (datadisk.disk_spec(data),)
     more = {"nics": neutral_nics(spec, nic_fds)} if hasattr(spec, "nics") else {}
     return dataclasses.replace(spec, name=f"boot-state-{key[:12]}", qid=BUILDER_QID,
                                disks=disks, extra=saved_extra(spec), **more)

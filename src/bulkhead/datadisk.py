@@ -1,4 +1,4 @@
-"""dom0's end of a qube's data disk: the fast way for bulk bytes into a qube.
+"""dom0's end of a qube's data disk: the fast way for bulk bytes into and out of a qube.
 
 Under TCG, host->guest virtio-serial moves ~19 MB/s, while a guest reads a
 virtio-blk disk with O_DIRECT at GB/s (FACTS.md; measured again for this).  So
@@ -10,8 +10,17 @@ announced with a DATA frame on the agent link; the control (credit, end of
 file, exit code) stays on the link.  So a qvm-copy between two qubes crosses
 the link out of the sender (the fast direction) and the disk into the target.
 
-Safety: only dom0 writes the file and chooses offsets, so nothing a qube sends
-is read from it.  Each call that uses the disk has a slot of :data:`SLOT`
+The other way, on a call the qube makes, the qube writes its input into its
+own area of the disk (after dom0's: :data:`~bulkhead.guest.protocol.DATA_OUT_OFFSET`)
+and sends DATA; dom0 reads the bytes as it handles the frame (:meth:`DataDisk.read_out`),
+only inside that area and only as far as the call's credit goes, so they are
+what a STDIN frame's would be: untrusted data, bounded.  (Under TCG this saves
+the sending qube most of its CPU time: a 32 KiB virtio-serial write costs it a
+copy, an allocation and a notification each.)
+
+Safety: dom0 chooses the offsets in its own area, so nothing a qube says is read
+from there (a qube that writes into it spoils only its own input).  Each call
+that uses the disk has a slot of :data:`SLOT`
 bytes, written round and round: the call's credit window becomes the slot's
 size, so no byte the qube has not read yet is overwritten (the qube reads a
 DATA frame's bytes when it handles the frame, and credits only bytes it has
@@ -47,7 +56,8 @@ log = logging.getLogger(__name__)
 SLOT = P.DATA_MAX
 #: calls that can use the disk at once (more go by frames)
 SLOTS = 16
-SIZE = SLOT * SLOTS
+SIZE = P.DATA_DISK_SIZE
+assert SLOT * SLOTS == P.DATA_IN_SIZE
 #: writes smaller than this go in a frame: under TCG a disk read costs the qube more
 #: than a few KiB more on virtio-serial
 MIN_BYTES = 4096
@@ -73,8 +83,12 @@ def with_data_disk(spec: MachineSpec, path: Path) -> MachineSpec:
         return spec
     if len(spec.disks) + len(spec.nics) + FIXED_TRANSPORTS >= TRANSPORTS:
         return spec
-    disk = DiskSpec(P.DATA_DISK_SERIAL, path, "raw", readonly=True)
-    return dataclasses.replace(spec, disks=(*spec.disks, disk))
+    return dataclasses.replace(spec, disks=(*spec.disks, disk_spec(path)))
+
+
+def disk_spec(path: Path) -> DiskSpec:
+    """The data disk as a device (the same for a start and a saved boot)."""
+    return DiskSpec(P.DATA_DISK_SERIAL, path, "raw")   # writable: the qube's area
 
 
 def has_data_disk(spec: MachineSpec) -> bool:
@@ -111,6 +125,18 @@ class DataDisk:
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)
         return offset
+
+    def read_out(self, untrusted_offset: int, length: int) -> bytes:
+        """The ``length`` bytes (checked by the caller: <= DATA_MAX) a qube's DATA names
+        in its own area; a range outside it is a protocol violation."""
+        if not (P.DATA_OUT_OFFSET <= untrusted_offset
+                and untrusted_offset + length <= P.DATA_DISK_SIZE):
+            raise P.ProtocolViolation(f"DATA at {untrusted_offset} (+{length}) outside the "
+                                      f"qube's area of its data disk")
+        data = os.pread(self.fd, length, untrusted_offset)
+        if len(data) != length:
+            raise P.ProtocolViolation("DATA beyond the end of the data disk")
+        return data
 
     def release(self, slot: int) -> None:
         self._free.append(slot)

@@ -1,8 +1,9 @@
-"""The data disk: bulk bytes into a qube through a file it sees as a read-only disk.
+"""The data disk: bulk bytes into and out of a qube through a file it sees as a disk.
 
 dom0's side (bulkhead.datadisk, the link's use of it) against the fake guest,
-which reads the bytes a DATA frame names from the file as the real agent does;
-the guest's reader (bulkhead.guest.datadisk) on a real file with O_DIRECT; and
+which reads the bytes a DATA frame names from the file as the real agent does,
+and writes its own input into its area as the real agent does; the guest's
+reader and writer (bulkhead.guest.datadisk) on a real file with O_DIRECT; and
 which machines get the disk (microvm's 8 transports).
 """
 
@@ -34,14 +35,15 @@ def _spec(nics: int) -> MachineSpec:
 
 # --- which machines get one ----------------------------------------------------------------
 
-def test_a_qube_with_a_transport_to_spare_gets_a_read_only_raw_disk():
+def test_a_qube_with_a_transport_to_spare_gets_a_writable_raw_disk():
     spec = datadisk.with_data_disk(_spec(1), Path("/run/x/data-disks/work"))
     disk = spec.disks[-1]
-    assert (disk.name, disk.fmt, disk.readonly) == (P.DATA_DISK_SERIAL, "raw", True)
+    assert (disk.name, disk.fmt, disk.readonly) == (P.DATA_DISK_SERIAL, "raw", False)
+    assert disk == datadisk.disk_spec(disk.path)        # as the saved boot's
     assert datadisk.with_data_disk(spec, Path("/elsewhere")) == spec      # once only
     from bulkhead.backend.accel import Accel
     argv = " ".join(build_argv(spec, Accel("tcg", ""), Path("/run/x")))
-    assert f"serial={P.DATA_DISK_SERIAL}" in argv and "readonly=on" in argv
+    assert f"serial={P.DATA_DISK_SERIAL}" in argv and "readonly=on" not in argv
     # 3 disks + 1 NIC + serial, rng, balloon + the data disk: microvm's 8 transports.
     assert len(spec.disks) + len(spec.nics) + datadisk.FIXED_TRANSPORTS == datadisk.TRANSPORTS
 
@@ -153,6 +155,105 @@ def test_a_guest_that_keeps_its_slots_only_slows_itself(sock_dir):
         assert len(disk._free) == datadisk.SLOTS
         guest.stop()
     run(scenario())
+
+
+# --- the qube's own area: input of the calls it makes --------------------------------------
+
+async def _inbound(sock_dir: Path):
+    path = sock_dir / "data-disk"
+    datadisk.make_file(path)
+    calls: asyncio.Queue = asyncio.Queue()
+    hold = asyncio.Event()
+
+    async def on_call(call, target, service):
+        await calls.put(call)
+        await hold.wait()
+    guest = await FakeGuest(sock_dir / "work.sock").start()
+    link = AgentLink("work", str(guest.path), on_call=on_call,
+                     data_disk=datadisk.DataDisk(path))
+    end = await connect(link, guest)
+    chan = P.GUEST_CHANNEL | 1
+    await end.send(P.CALL, chan, b"personal\0bench.Sink")
+    call = await asyncio.wait_for(calls.get(), 2.0)
+    return guest, link, end, path, call, chan, hold
+
+
+def _put(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_a_qubes_input_comes_from_its_own_area_as_far_as_its_credit(sock_dir):
+    async def scenario():
+        guest, link, end, path, call, chan, hold = await _inbound(sock_dir)
+        data = os.urandom(P.DATA_OUT_CHUNK)
+        offset = P.DATA_OUT_OFFSET + 3 * P.DATA_OUT_CHUNK
+        _put(path, offset, data)
+        await end.send(P.DATA, chan, P.pack_data(P.STDIN, offset, len(data)))
+        assert await call.next_event(len(data)) == ("stdin", data)
+        # Consumed: credited back, as for a STDIN frame.
+        assert await end.recv() == (P.CREDIT, chan, P.u32(len(data)))
+        assert link.violations == 0
+        hold.set()
+        guest.stop()
+    run(scenario())
+
+
+@pytest.mark.parametrize("case", ["dom0s-area", "past-the-end", "beyond-credit", "no-disk"])
+def test_a_qubes_data_frame_outside_its_area_or_credit_is_a_violation(sock_dir, case):
+    async def scenario():
+        guest, link, end, path, call, chan, hold = await _inbound(sock_dir)
+        offset, length = P.DATA_OUT_OFFSET, 8192
+        if case == "dom0s-area":
+            offset = P.DATA_OUT_OFFSET - 4096
+        elif case == "past-the-end":
+            offset = P.DATA_DISK_SIZE - 4096
+        elif case == "beyond-credit":
+            length = P.WINDOW + 512
+        else:
+            link.data_disk = None
+        await end.send(P.DATA, chan, P.pack_data(P.STDIN, offset, length))
+        await wait_until(lambda: link.violations == 1)
+        hold.set()
+        guest.stop()
+    run(scenario())
+
+
+def test_the_guest_writes_its_input_into_its_area_with_o_direct(tmp_path_factory):
+    d = Path(os.environ.get("BULKHEAD_TEST_ROOT", "/var/tmp"))
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"datadisk-out-{os.getpid()}"
+    with open(path, "wb") as f:
+        f.truncate(P.DATA_DISK_SIZE)
+    try:
+        disk = guest_datadisk.DataDisk()
+        try:
+            disk.fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        except OSError:
+            pytest.skip("no O_DIRECT on this file system")
+        import mmap
+        disk.out_buf = mmap.mmap(-1, P.DATA_OUT_CHUNK)
+        disk.writable, disk.out_free = True, list(range(P.DATA_OUT_CHUNKS))
+        r, w = os.pipe()
+        chunk = disk.take_out()
+        big = os.urandom(10000 + 3)            # not a whole number of blocks
+        os.write(w, big)
+        offset, n = disk.fill_out(chunk, r, P.DATA_OUT_CHUNK)
+        assert (offset, n) == (P.DATA_OUT_OFFSET + chunk * P.DATA_OUT_CHUNK, len(big))
+        with open(path, "rb") as f:
+            f.seek(offset)
+            assert f.read(n) == big
+        os.write(w, b"ls\n")                   # small: for a frame, not written
+        assert disk.fill_out(chunk, r, P.DATA_OUT_CHUNK) == (None, 3)
+        assert disk.out_bytes(3) == b"ls\n"
+        os.write(w, big)                        # the credit bounds a read
+        assert disk.fill_out(chunk, r, 5000)[1] == 5000
+        disk.free_out(chunk)
+        assert len(disk.out_free) == P.DATA_OUT_CHUNKS
+        os.close(r); os.close(w); os.close(disk.fd)
+    finally:
+        path.unlink()
 
 
 # --- the guest's reader ----------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_nonzero_flags_are_refused(flags):
 @pytest.mark.parametrize("mtype", sorted(P.FROM_GUEST))
 def test_each_guest_type_is_held_to_its_own_limit(mtype):
     chan = 0 if mtype in P.CONTROL_ONLY else 1
-    if mtype in (P.CALL, P.STDIN):           # only on a channel the guest opened
+    if mtype in (P.CALL, P.STDIN, P.DATA):    # only on a channel the guest opened
         chan |= P.GUEST_CHANNEL
     limit = P.PAYLOAD_LIMIT[mtype]
     assert P.parse_header(header(mtype, chan, limit), P.FROM_GUEST)[2] == limit

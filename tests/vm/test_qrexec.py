@@ -132,28 +132,33 @@ FIND_DATA_DISK = ("for d in /sys/block/*; do [ \"$(cat $d/serial 2>/dev/null)\" 
                   "&& echo ${d##*/}; done; true")
 
 
-def sectors_read(bulkhead, qube, disk):
-    return int(bulkhead.run(qube, f"cat /sys/block/{disk}/stat").stdout.split()[2])
+def sectors(bulkhead, qube, disk) -> tuple[int, int]:
+    """(sectors read, sectors written) of a qube's disk, from its own /sys/block stat."""
+    fields = bulkhead.run(qube, f"cat /sys/block/{disk}/stat").stdout.split()
+    return int(fields[2]), int(fields[6])
 
 
-def test_a_copy_comes_into_the_target_through_its_data_disk(bulkhead, two):
-    # The bulk bytes into a qube travel on its read-only data disk (DATA frames say
-    # where), not in frames on host->guest virtio-serial: the target reads them there.
-    disk = bulkhead.run("personal", FIND_DATA_DISK).stdout.strip()
-    assert disk, "personal (one NIC) has a transport to spare: it must have a data disk"
-    assert bulkhead.run("personal", f"cat /sys/block/{disk}/ro").stdout.strip() == "1"
+def test_a_copy_leaves_the_sender_and_enters_the_target_through_their_data_disks(bulkhead, two):
+    # The bulk bytes travel on the qubes' data disks (DATA frames say where), not in
+    # frames on virtio-serial: the sender writes its input into its own area of its
+    # disk, dom0 moves it into the target's, the target reads it there.
+    disks = {q: bulkhead.run(q, FIND_DATA_DISK).stdout.strip() for q in ("work", "personal")}
+    assert all(disks.values()), f"one NIC leaves a transport to spare: {disks}"
     bulkhead.run("work", "head -c 20000000 /dev/urandom > /home/user/mid.bin && "
                          "sha256sum < /home/user/mid.bin > /home/user/mid.sum")
     bulkhead.run("personal", "rm -rf /home/user/QubesIncoming/work")
     (policy_dir(bulkhead) / "09-copy.policy").write_text("qubes.Filecopy * work personal allow\n")
     try:
-        before = sectors_read(bulkhead, "personal", disk)
+        before = {q: sectors(bulkhead, q, d) for q, d in disks.items()}
         r = bulkhead.run("work", "qvm-copy-to-vm personal /home/user/mid.bin", check=False)
         assert r.returncode == 0, r
-        read = (sectors_read(bulkhead, "personal", disk) - before) * 512
+        after = {q: sectors(bulkhead, q, d) for q, d in disks.items()}
     finally:
         (policy_dir(bulkhead) / "09-copy.policy").unlink()
-    assert read >= 20000000, f"only {read} bytes were read from the data disk"
+    written = (after["work"][1] - before["work"][1]) * 512
+    read = (after["personal"][0] - before["personal"][0]) * 512
+    assert written >= 20000000, f"only {written} bytes went out through work's data disk"
+    assert read >= 20000000, f"only {read} bytes were read from personal's data disk"
     assert bulkhead.run("personal", "sha256sum < /home/user/QubesIncoming/work/mid.bin").stdout \
         == bulkhead.run("work", "cat /home/user/mid.sum").stdout
     # dom0's input to a command goes the same way, in order, byte for byte.

@@ -23,7 +23,7 @@ import select
 import stat
 
 from . import protocol as P
-from .datadisk import widen_pipe
+from .datadisk import MIN_OUT, widen_pipe
 
 SOCKET = "/run/bulkhead/qrexec-agent.sock"
 REQUEST_MAX = P.PAYLOAD_LIMIT[P.CALL]
@@ -46,6 +46,9 @@ class Outgoing:
         self.outs = {P.STDOUT: out_fd, P.STDERR: err_fd}
         self.bufs = {P.STDOUT: bytearray(), P.STDERR: bytearray()}
         self.credit = P.WINDOW                # input bytes dom0 lets us send
+        self.sent = 0                         # input bytes sent so far...
+        self.credited = 0                     # ...and credited back by dom0
+        self.chunks = []                      # (data disk chunk, self.sent after its bytes)
         self.exit_code = None
 
 
@@ -155,14 +158,36 @@ class Caller:
 
     # --- data ----------------------------------------------------------------------
     def read_input(self, call):
-        try:
-            data = os.read(call.in_fd, min(STREAM_READ, call.credit))
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
+        disk = self.agent.data_disk
+        chunk = disk.take_out() if call.credit >= MIN_OUT else None
+        if chunk is not None:
+            # Into a chunk of our area of the data disk, named by a DATA frame
+            # (bulkhead_guest.datadisk): no copy into frames, no virtio-serial write.
+            try:
+                offset, n = disk.fill_out(chunk, call.in_fd, call.credit)
+            except BlockingIOError:
+                disk.free_out(chunk)
+                return
+            except OSError:
+                offset, n = None, 0       # as os.read's error below: the input's end
+            if offset is not None:
+                call.credit -= n
+                call.sent += n
+                call.chunks.append((chunk, call.sent))
+                self.agent.send(P.DATA, call.chan, P.pack_data(P.STDIN, offset, n))
+                return
+            disk.free_out(chunk)
+            data = disk.out_bytes(n)
+        else:
+            try:
+                data = os.read(call.in_fd, min(STREAM_READ, call.credit))
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
         if data:
             call.credit -= len(data)
+            call.sent += len(data)
             self.agent.send_stream(P.STDIN, call.chan, data)
         else:
             del self.fds[call.in_fd]
@@ -194,7 +219,13 @@ class Caller:
             if payload:
                 call.bufs[mtype] += payload
         elif mtype == P.CREDIT:
-            call.credit += P.parse_u32(payload)
+            n = P.parse_u32(payload)
+            call.credit += n
+            call.credited += n
+            # Some of the credit may be dom0's grant (more window, not bytes read): only
+            # what exceeds the largest grant surely counts bytes dom0 has read.
+            while call.chunks and call.chunks[0][1] <= call.credited - P.GRANT_MAX:
+                self.agent.data_disk.free_out(call.chunks.pop(0)[0])   # dom0 has read it
         elif mtype == P.ERROR:
             try:
                 call.ctl.sendall(b"E" + payload.replace(b"\n", b" ") + b"\n")
@@ -202,6 +233,7 @@ class Caller:
                 pass
         elif mtype == P.EXIT:
             call.exit_code = P.parse_i32(payload)
+            self.free_chunks(call)   # what dom0 reads of them now is for an ended call
             self.maybe_finish(call)
 
     def maybe_finish(self, call):
@@ -213,9 +245,15 @@ class Caller:
             self.fds.pop(f, None)
         self.reply(call.ctl, None, call.exit_code, fds)
 
+    def free_chunks(self, call):
+        for chunk, _ in call.chunks:
+            self.agent.data_disk.free_out(chunk)
+        call.chunks = []
+
     def dom0_gone(self):
         """dom0 went away: its calls cannot end any more; tell their programs."""
         for call in list(self.calls.values()):
+            self.free_chunks(call)
             call.exit_code = 126
             call.bufs = {P.STDOUT: bytearray(), P.STDERR: bytearray()}
             try:

@@ -1,4 +1,4 @@
-"""The qube's end of its data disk: where dom0 puts the bulk bytes of qrexec calls.
+"""The qube's end of its data disk: the bulk bytes of qrexec calls, both ways.
 
 dom0 writes a call's bytes into a file the qube sees as a read-only virtio-blk
 disk (serial :data:`protocol.DATA_DISK_SERIAL`) and sends a DATA frame naming
@@ -8,6 +8,13 @@ every frame it sent before a PING has been handled -- and carry on as if the
 bytes had come in a STDIN/STDOUT frame.  O_DIRECT keeps the kernel's page cache
 out of it: a cached page would be stale the moment dom0 rewrites that place.
 
+The other way (:meth:`DataDisk.fill_out`): on a call this qube makes, its input
+is read straight into a page-aligned buffer and written with O_DIRECT into a
+chunk of the qube's own area (protocol.DATA_OUT_OFFSET), then named by a DATA
+frame; dom0 reads it when it handles the frame.  A chunk is used again once
+dom0 credited the bytes in it, or ended the call (a frame it handles after
+that is for a finished call, whose input nobody reads).
+
 Imports builtins only, ``mmap`` lazily (the first DATA frame), like the agent.
 """
 
@@ -16,6 +23,9 @@ import os
 from . import protocol as P
 
 ALIGN = 512            # virtio-blk's logical block: O_DIRECT's unit of offset and length
+# Reads smaller than this go by frame: a disk write costs more than a few KiB on
+# virtio-serial (and interactive input comes a few bytes at a time).
+MIN_OUT = 4096
 F_SETPIPE_SZ = 1031
 
 
@@ -52,19 +62,79 @@ class DataDisk:
         self.fd = None
         self.buf = None
         self.size = 0
+        self.writable = False
+        self.missing = False          # looked for once and not found: frames only
+        self.out_free = []            # chunks of our area nobody uses
+        self.out_buf = None
 
     def open(self):
         import mmap  # noqa: PLC0415 -- only a qube that is sent bulk data pays for it
 
         path = find_disk()
         if path is None:
+            self.missing = True
             raise OSError("no data disk (virtio serial %s)" % P.DATA_DISK_SERIAL)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            self.writable = True
+        except OSError:   # a read-only disk: our input keeps going by frames
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
         self.size = os.lseek(fd, 0, os.SEEK_END)
+        if self.size < P.DATA_DISK_SIZE:
+            self.writable = False
         # Page-aligned (O_DIRECT wants an aligned buffer), room for a whole DATA run
         # and the partial blocks at either end.
         self.buf = mmap.mmap(-1, P.DATA_MAX + 2 * ALIGN)
+        self.out_buf = mmap.mmap(-1, P.DATA_OUT_CHUNK)
+        self.out_free = list(range(P.DATA_OUT_CHUNKS))
         self.fd = fd
+
+    # --- our own area: a call's input ------------------------------------------------
+    def take_out(self):
+        """A free chunk of our area, or None (no disk, none free: use frames)."""
+        if self.fd is None and not self.missing:
+            try:
+                self.open()
+            except OSError:
+                return None
+        if not self.writable or not self.out_free:
+            return None
+        return self.out_free.pop()
+
+    def free_out(self, chunk):
+        self.out_free.append(chunk)
+
+    def fill_out(self, chunk, fd, limit):
+        """Read up to ``limit`` bytes of ``fd`` into ``chunk``: (its offset, bytes read).
+
+        The read lands in our aligned buffer, which goes to the disk as whole
+        blocks (O_DIRECT); what pads the last block is never named.  A small
+        read (interactive input), or one the disk would not take, is not
+        written: the offset is None and the caller sends :meth:`out_bytes` in a
+        frame.  Raises BlockingIOError if ``fd`` has nothing now, OSError if it
+        cannot be read (its end, for the caller)."""
+        view = memoryview(self.out_buf)[:min(limit, P.DATA_OUT_CHUNK)]
+        try:
+            n = os.readv(fd, [view])
+        finally:
+            view.release()
+        if n < MIN_OUT:
+            return None, n
+        offset = P.DATA_OUT_OFFSET + chunk * P.DATA_OUT_CHUNK
+        blocks = -(-n // ALIGN) * ALIGN
+        done = 0
+        try:
+            with memoryview(self.out_buf) as whole:
+                while done < blocks:
+                    done += os.pwritev(self.fd, [whole[done:blocks]], offset + done)
+        except OSError:
+            self.writable = False      # frames from now on; these bytes too
+            return None, n
+        return offset, n
+
+    def out_bytes(self, n):
+        """The first ``n`` bytes of the last read (for a small one, sent by frame)."""
+        return self.out_buf[:n]
 
     def read(self, offset, length):
         """The ``length`` bytes at ``offset`` (dom0's numbers: trusted, but checked)."""

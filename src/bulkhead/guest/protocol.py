@@ -52,8 +52,9 @@ ERROR = 12         # g    UTF-8 message: the call could not start; an EXIT follo
 SERVICE = 13       # d    b"user\0service+argument\0source-qube": run a qrexec service
 CALL = 14          # g    b"target\0service+argument": call a qrexec service in another qube
 RESUME = 15        # d    a restored qube's own part of the boot (see :func:`pack_resume`)
-DATA = 16          # d    u32 stream type | u32 offset | u32 length: that stream's next bytes
-                   #      are on the qube's data disk at offset (see :func:`split_data`)
+DATA = 16          # d,g  u32 stream type | u32 offset | u32 length: that stream's next bytes
+                   #      are on the qube's data disk at offset (see :func:`split_data`);
+                   #      from the guest only on its own calls (their input)
 
 GUEST_CHANNEL = 0x80000000   # set in the numbers of the channels the guest opens
 
@@ -75,7 +76,7 @@ PAYLOAD_LIMIT = {
 
 CONTROL_ONLY = frozenset({HELLO, SHUTDOWN, PING, PONG})
 # Who may send what, on whose channels: (on dom0's channels, on the guest's channels).
-_GUEST_SENDS = (frozenset({STDOUT, STDERR, EXIT, CREDIT, ERROR}), frozenset({CALL, STDIN, CREDIT}))
+_GUEST_SENDS = (frozenset({STDOUT, STDERR, EXIT, CREDIT, ERROR}), frozenset({CALL, STDIN, CREDIT, DATA}))
 _DOM0_SENDS = (frozenset({EXEC, SERVICE, RESUME, STDIN, CREDIT, SIGNAL, DATA}),
                frozenset({STDOUT, STDERR, EXIT, CREDIT, ERROR, DATA}))
 FROM_GUEST = frozenset({HELLO, PONG}) | _GUEST_SENDS[0] | _GUEST_SENDS[1]
@@ -178,17 +179,34 @@ class FrameReader:
         return self._want is not None or len(self._buf) > 0
 
 
-# --- DATA: bulk bytes from dom0 on the qube's data disk --------------------------------
+# --- DATA: bulk bytes on the qube's data disk ------------------------------------------
 # Under TCG, host->guest virtio-serial moves ~19 MB/s while a guest reads a virtio-blk
-# disk with O_DIRECT at GB/s.  So dom0 writes a call's bulk input (or, on a call the
-# qube made, the service's output) into a file the qube sees as a read-only disk
-# (serial :data:`DATA_DISK_SERIAL`) and sends DATA, which says where; the qube reads the
-# bytes when it handles the frame, and they count against the call's credit as the
-# same bytes in a STDIN/STDOUT frame would.  Only dom0 writes the disk and chooses
-# the offsets: nothing a qube says about it is ever read by dom0.
+# disk with O_DIRECT at GB/s; the other way a 32 KiB virtio-serial write costs the
+# guest a copy, an allocation and a notification, where an O_DIRECT write of 256 KiB
+# to a disk costs it one request.  So a qube has a data disk (serial
+# :data:`DATA_DISK_SERIAL`), a file of dom0's, in two areas:
+# - dom0's (the first :data:`DATA_IN_SIZE` bytes): dom0 writes a call's bulk input
+#   (or, on a call the qube made, the service's output) there and sends DATA, which
+#   says where; the qube reads the bytes when it handles the frame.
+# - the qube's (:data:`DATA_OUT_CHUNKS` chunks of :data:`DATA_OUT_CHUNK` bytes from
+#   :data:`DATA_OUT_OFFSET`): on a call it made, the qube writes its input there and
+#   sends DATA; dom0 reads the bytes when it handles the frame, and only inside that
+#   area.  The qube reuses a chunk once dom0 credited its bytes or ended the call.
+# Either way the bytes count against the call's credit as the same bytes in a
+# STDIN/STDOUT frame would.  A qube that writes into dom0's area spoils only its own
+# input; what dom0 reads from the qube's area is data, as a frame's bytes are.
 DATA_DISK_SERIAL = "qrexec-data"
 #: the largest run of bytes one DATA frame names
 DATA_MAX = 1024 * 1024
+DATA_IN_SIZE = 16 * DATA_MAX
+DATA_OUT_CHUNK = 256 * 1024
+DATA_OUT_CHUNKS = 16
+DATA_OUT_OFFSET = DATA_IN_SIZE
+DATA_DISK_SIZE = DATA_IN_SIZE + DATA_OUT_CHUNKS * DATA_OUT_CHUNK
+#: the most dom0 adds to a call's window (CREDIT for bytes not yet sent: its relay's
+#: grant, so that a qube sends a DATA run ahead); a qube that reuses a chunk only once
+#: the credit it got exceeds the chunk's end by this much knows dom0 has read it
+GRANT_MAX = DATA_MAX - WINDOW
 
 
 def pack_data(mtype, offset, length):
