@@ -10,6 +10,8 @@ which machines get the disk (microvm's 8 transports).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import mmap
 import os
 from pathlib import Path
 
@@ -220,19 +222,33 @@ def test_a_qubes_data_frame_outside_its_area_or_credit_is_a_violation(sock_dir, 
     run(scenario())
 
 
-def test_the_guest_writes_its_input_into_its_area_with_o_direct(tmp_path_factory):
+@contextlib.contextmanager
+def _o_direct_file(name: str, content: bytes, size: int, flags: int):
+    """A file holding ``content`` (then zeros up to ``size``), opened with O_DIRECT and
+    ``flags``, on a file system that has O_DIRECT (not tmpfs: /var/tmp)."""
     d = Path(os.environ.get("BULKHEAD_TEST_ROOT", "/var/tmp"))
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"datadisk-out-{os.getpid()}"
+    path = d / f"{name}-{os.getpid()}"
     with open(path, "wb") as f:
-        f.truncate(P.DATA_DISK_SIZE)
+        f.write(content)
+        f.truncate(max(size, len(content)))
     try:
-        disk = guest_datadisk.DataDisk()
         try:
-            disk.fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+            fd = os.open(path, flags | os.O_DIRECT)
         except OSError:
             pytest.skip("no O_DIRECT on this file system")
-        import mmap
+        try:
+            yield path, fd
+        finally:
+            os.close(fd)
+    finally:
+        path.unlink()
+
+
+def test_the_guest_writes_its_input_into_its_area_with_o_direct():
+    with _o_direct_file("datadisk-out", b"", P.DATA_DISK_SIZE, os.O_RDWR) as (path, fd):
+        disk = guest_datadisk.DataDisk()
+        disk.fd = fd
         disk.out_buf = mmap.mmap(-1, P.DATA_OUT_CHUNK)
         disk.writable, disk.out_free = True, list(range(P.DATA_OUT_CHUNKS))
         r, w = os.pipe()
@@ -251,27 +267,17 @@ def test_the_guest_writes_its_input_into_its_area_with_o_direct(tmp_path_factory
         assert disk.fill_out(chunk, r, 5000)[1] == 5000
         disk.free_out(chunk)
         assert len(disk.out_free) == P.DATA_OUT_CHUNKS
-        os.close(r); os.close(w); os.close(disk.fd)
-    finally:
-        path.unlink()
+        os.close(r)
+        os.close(w)
 
 
 # --- the guest's reader ----------------------------------------------------------------------
 
-def test_the_guest_reads_any_range_with_o_direct(tmp_path_factory):
-    # O_DIRECT needs a file system that has it (not tmpfs): /var/tmp.
-    d = Path(os.environ.get("BULKHEAD_TEST_ROOT", "/var/tmp"))
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"datadisk-test-{os.getpid()}"
+def test_the_guest_reads_any_range_with_o_direct():
     content = os.urandom(3 * 4096 + 100)
-    path.write_bytes(content)
-    try:
+    with _o_direct_file("datadisk-test", content, 0, os.O_RDONLY) as (path, fd):
         reader = guest_datadisk.DataDisk()
-        try:
-            reader.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except OSError:
-            pytest.skip("no O_DIRECT on this file system")
-        import mmap
+        reader.fd = fd
         reader.buf = mmap.mmap(-1, P.DATA_MAX + 2 * guest_datadisk.ALIGN)
         reader.size = len(content)
         for offset, length in ((0, 1), (1, 511), (511, 2), (700, 8000), (4096, 4096),
@@ -279,9 +285,6 @@ def test_the_guest_reads_any_range_with_o_direct(tmp_path_factory):
             assert reader.read(offset, length) == content[offset:offset + length]
         with pytest.raises(P.ProtocolViolation):
             reader.read(len(content) - 7, 8)
-        os.close(reader.fd)
-    finally:
-        path.unlink()
 
 
 def test_data_frames_name_only_the_streams_dom0_sends():
