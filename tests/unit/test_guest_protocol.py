@@ -286,6 +286,7 @@ def test_split_service_bad(payload):
 @pytest.mark.parametrize("mtype,chan,allowed", [
     (P.CALL, 1, P.FROM_GUEST),                     # the guest opens calls on its own channels
     (P.STDIN, 1, P.FROM_GUEST),                    # a guest's input goes on its own channels
+    (P.DATA, 1, P.FROM_GUEST),                     # ...by DATA too, never on dom0's
     (P.STDOUT, P.GUEST_CHANNEL | 1, P.FROM_GUEST),  # ...and output on dom0's
     (P.EXIT, P.GUEST_CHANNEL | 1, P.FROM_GUEST),
     (P.EXEC, P.GUEST_CHANNEL | 1, P.FROM_DOM0),
