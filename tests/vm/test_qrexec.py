@@ -144,6 +144,11 @@ def test_a_copy_leaves_the_sender_and_enters_the_target_through_their_data_disks
     # disk, dom0 moves it into the target's, the target reads it there.
     disks = {q: bulkhead.run(q, FIND_DATA_DISK).stdout.strip() for q in ("work", "personal")}
     assert all(disks.values()), f"one NIC leaves a transport to spare: {disks}"
+    # No I/O scheduler on a qube's disks (the agent drops it once the qube is up).
+    schedulers = bulkhead.run("personal", "for i in $(seq 50); do cat /sys/block/vd*/queue/"
+                              "scheduler | grep -qv '\\[none\\]' || break; sleep 0.2; done; "
+                              "cat /sys/block/vd*/queue/scheduler").stdout.split("\n")
+    assert all("[none]" in line for line in schedulers if line), schedulers
     bulkhead.run("work", "head -c 20000000 /dev/urandom > /home/user/mid.bin && "
                          "sha256sum < /home/user/mid.bin > /home/user/mid.sum")
     bulkhead.run("personal", "rm -rf /home/user/QubesIncoming/work")

@@ -96,6 +96,9 @@ class Caller:
                 return
             conn.setblocking(False)
             self.fds[conn.fileno()] = (conn, "client")
+            # A client sends its request as soon as it is connected: take it now
+            # rather than a turn of the loop later (a fraction of a ms under TCG).
+            self.request(conn.fileno(), conn)
         elif role == "client":
             self.request(fd, obj)
         elif role == "in":
@@ -105,13 +108,16 @@ class Caller:
 
     # --- a new call ------------------------------------------------------------
     def request(self, fd, conn):
-        del self.fds[fd]
         socket = self._socket
         try:
             msg, anc, _, _ = conn.recvmsg(REQUEST_MAX, socket.CMSG_SPACE(3 * 4))
+        except BlockingIOError:
+            return                  # not here yet: POLLIN says when
         except OSError:
+            del self.fds[fd]
             conn.close()
             return
+        del self.fds[fd]
         fds = []
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
