@@ -37,6 +37,7 @@ NICs) has no data disk, and its calls' bytes go in frames as before.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
 import os
@@ -66,6 +67,11 @@ MIN_BYTES = 4096
 TRANSPORTS = 8
 FIXED_TRANSPORTS = 3
 FILE_NAME = "qrexec-data"
+#: fallocate(2): give a range's pages back, the file's size unchanged
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
 
 
 def path_for(run: Path, qube: str) -> Path:
@@ -136,10 +142,20 @@ class DataDisk:
         data = os.pread(self.fd, length, untrusted_offset)
         if len(data) != length:
             raise P.ProtocolViolation("DATA beyond the end of the data disk")
+        self._punch(untrusted_offset, length)   # read: its pages go back to the host
         return data
 
     def release(self, slot: int) -> None:
+        self._punch(slot * SLOT, SLOT)          # read by the qube: likewise
         self._free.append(slot)
+
+    def _punch(self, offset: int, length: int) -> None:
+        """Give the pages of a range dom0 is done with back to the host: the file is
+        on tmpfs, where every page once written stays allocated (up to SIZE a qube)."""
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           offset, length) != 0:   # no harm: the pages stay, as before
+            log.debug("cannot punch the data disk %s: %s", self.path,
+                      os.strerror(ctypes.get_errno()))
 
     def release_after_ping(self, link: "AgentLink", slot: int) -> None:
         """Free ``slot`` once the qube has handled every frame sent so far."""
@@ -158,6 +174,7 @@ class DataDisk:
         """The link closed: the next agent (or the next connection) starts afresh."""
         self._generation += 1
         self._free = list(range(SLOTS))
+        self._punch(0, P.DATA_DISK_SIZE)
 
     def close(self) -> None:
         """The qube stopped: the file goes."""

@@ -222,6 +222,21 @@ def test_a_qubes_data_frame_outside_its_area_or_credit_is_a_violation(sock_dir, 
     run(scenario())
 
 
+def test_what_dom0_is_done_with_goes_back_to_the_host(tmp_path):
+    path = tmp_path / "data-disk"
+    datadisk.make_file(path)
+    disk = datadisk.DataDisk(path)
+    slot = disk.take()
+    disk.write(slot, 0, memoryview(os.urandom(datadisk.SLOT)))
+    _put(path, P.DATA_OUT_OFFSET, os.urandom(P.DATA_OUT_CHUNK))
+    assert path.stat().st_blocks * 512 >= datadisk.SLOT + P.DATA_OUT_CHUNK
+    disk.read_out(P.DATA_OUT_OFFSET, P.DATA_OUT_CHUNK)     # read: punched
+    disk.release(slot)                                     # the qube read it: punched
+    assert path.stat().st_blocks == 0
+    assert path.stat().st_size == datadisk.SIZE            # the disk keeps its size
+    disk.close()
+
+
 @contextlib.contextmanager
 def _o_direct_file(name: str, content: bytes, size: int, flags: int):
     """A file holding ``content`` (then zeros up to ``size``), opened with O_DIRECT and
