@@ -377,14 +377,11 @@ class AgentLink:
     def _data_from_guest(self, call: Call, untrusted_payload: bytes) -> tuple[int, bytes]:
         """A qube's DATA (only on a call it made): the input bytes it put in its own
         area of its data disk, read now, before any later frame can be handled
-        (:mod:`bulkhead.datadisk`); then they go on as a STDIN frame's would."""
+        (:mod:`bulkhead.datadisk`); then they go on as a STDIN frame's would, held to
+        the same end of stream and credit (a read of at most DATA_MAX comes first)."""
         if self.data_disk is None:
             raise P.ProtocolViolation("DATA from a qube that has no data disk")
         mtype, untrusted_offset, length = P.split_data(untrusted_payload, (P.STDIN,))
-        if mtype not in call.open_streams:
-            raise P.ProtocolViolation(f"DATA on channel {call.chan} after its end")
-        if length > call.recv_granted:
-            raise P.ProtocolViolation(f"channel {call.chan} sent more input than its credit")
         return mtype, self.data_disk.read_out(untrusted_offset, length)
 
     def _inbound_call(self, chan: int, untrusted_payload: bytes) -> None:

@@ -291,11 +291,7 @@ class Unpacker:
                 if e.errno not in (errno.EINVAL, errno.ENOSYS):
                     raise
                 self.splice = False     # not a pipe (a test's file): read and write
-        data = os.read(in_fd, min(n, CHUNK))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        return len(data)
+        return _copy_some(in_fd, fd, min(n, CHUNK))
 
 
 def limit():
