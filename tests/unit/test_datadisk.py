@@ -189,7 +189,7 @@ def _put(path: Path, offset: int, data: bytes) -> None:
 def test_a_qubes_input_comes_from_its_own_area_as_far_as_its_credit(sock_dir):
     async def scenario():
         guest, link, end, path, call, chan, hold = await _inbound(sock_dir)
-        data = os.urandom(P.DATA_OUT_CHUNK)
+        data = os.urandom(min(P.DATA_OUT_CHUNK, P.WINDOW))   # all the credit a call starts with
         offset = P.DATA_OUT_OFFSET + 3 * P.DATA_OUT_CHUNK
         _put(path, offset, data)
         await end.send(P.DATA, chan, P.pack_data(P.STDIN, offset, len(data)))

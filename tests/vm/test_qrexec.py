@@ -162,7 +162,8 @@ def test_a_copy_leaves_the_sender_and_enters_the_target_through_their_data_disks
         (policy_dir(bulkhead) / "09-copy.policy").unlink()
     written = (after["work"][1] - before["work"][1]) * 512
     read = (after["personal"][0] - before["personal"][0]) * 512
-    assert written >= 20000000, f"only {written} bytes went out through work's data disk"
+    # (All but a last read under 4 KiB, which goes by frame as interactive input does.)
+    assert written >= 20000000 - 4096, f"only {written} bytes went out through work's data disk"
     assert read >= 20000000, f"only {read} bytes were read from personal's data disk"
     assert bulkhead.run("personal", "sha256sum < /home/user/QubesIncoming/work/mid.bin").stdout \
         == bulkhead.run("work", "cat /home/user/mid.sum").stdout

@@ -137,7 +137,8 @@ class DataDisk:
         return self.out_buf[:n]
 
     def read(self, offset, length):
-        """The ``length`` bytes at ``offset`` (dom0's numbers: trusted, but checked)."""
+        """The ``length`` bytes at ``offset`` (dom0's numbers: trusted, but checked), as
+        a view of our buffer that the next read overwrites."""
         if self.fd is None:
             self.open()
         if offset + length > self.size:
@@ -151,6 +152,6 @@ class DataDisk:
             if n <= 0:
                 raise OSError("short read of the data disk at %d" % (start + got))
             got += n
-        data = bytes(view[offset - start:offset - start + length])
-        view.release()
-        return data
+        # A view, not a copy (100 MB copied costs ~0.2 s under TCG): whoever takes
+        # the bytes appends them to a buffer of its own before the next read.
+        return view[offset - start:offset - start + length]
