@@ -293,13 +293,45 @@ def test_the_guest_reads_any_range_with_o_direct():
     with _o_direct_file("datadisk-test", content, 0, os.O_RDONLY) as (path, fd):
         reader = guest_datadisk.DataDisk()
         reader.fd = fd
-        reader.buf = mmap.mmap(-1, P.DATA_MAX + 2 * guest_datadisk.ALIGN)
         reader.size = len(content)
         for offset, length in ((0, 1), (1, 511), (511, 2), (700, 8000), (4096, 4096),
                                (len(content) - 7, 7)):
             assert reader.read(offset, length) == content[offset:offset + length]
         with pytest.raises(P.ProtocolViolation):
             reader.read(len(content) - 7, 8)
+
+
+def test_a_big_run_is_lent_in_its_read_buffer_until_written():
+    content = os.urandom(3 * guest_datadisk.LEND_MIN + 4096)
+    with _o_direct_file("datadisk-test", content, 0, os.O_RDONLY) as (path, fd):
+        reader = guest_datadisk.DataDisk()
+        reader.fd, reader.size = fd, len(content)
+        first = reader.read(100, 2 * guest_datadisk.LEND_MIN)
+        second = reader.read(200, 2 * guest_datadisk.LEND_MIN)
+        # Two runs, two buffers: the second read did not overwrite the first run.
+        assert isinstance(first, memoryview) and first.obj is not second.obj
+        assert first == content[100:100 + 2 * guest_datadisk.LEND_MIN]
+        assert isinstance(reader.read(0, 10), bytes)      # a small one is copied
+        queue = guest_datadisk.InputQueue(reader)
+        queue.add(b"head:")
+        queue.add(first)
+        queue.add(second)
+        queue.add(b":tail")
+        r, w = os.pipe()
+        got = bytearray()
+        try:
+            os.set_blocking(w, False)
+            while queue:
+                queue.write(w)
+                got += os.read(r, 1 << 20)
+        finally:
+            os.close(r)
+            os.close(w)
+        assert bytes(got) == (b"head:" + content[100:100 + 2 * guest_datadisk.LEND_MIN]
+                              + content[200:200 + 2 * guest_datadisk.LEND_MIN] + b":tail")
+        # Written: both buffers went back, and the next read reuses one.
+        assert len(reader.free_bufs) == 2
+        assert reader.read(0, guest_datadisk.LEND_MIN).obj in (first.obj, second.obj)
 
 
 def test_data_frames_name_only_the_streams_dom0_sends():

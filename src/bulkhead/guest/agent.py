@@ -22,7 +22,7 @@ import time
 
 from . import protocol as P
 from .caller import SOCKET as CALL_SOCKET, STREAM_READ, Caller
-from .datadisk import DataDisk, widen_pipe
+from .datadisk import DataDisk, InputQueue, widen_pipe
 from .spawn import PATH, SHELL, spawn, spawn_root, spawn_spare
 from .services import (FILECOPY_SERVICE, NETCONF_SERVICE, READ_CHUNK, filecopy_main,
                        is_sh_script, mode, netconf_main, plain, socket_relay)
@@ -68,13 +68,13 @@ def find_port():
 class Call:
     """One command or service run for dom0 on one channel."""
 
-    def __init__(self, chan, pid, pidfd, stdin_fd, stdout_fd, stderr_fd):
+    def __init__(self, chan, pid, pidfd, stdin_fd, stdout_fd, stderr_fd, disk):
         self.chan = chan
         self.pid = pid
         self.pidfd = pidfd
         self.stdin_fd = stdin_fd          # our write end of the child's stdin, or None once closed
         self.out_fds = {stdout_fd: P.STDOUT, stderr_fd: P.STDERR}
-        self.stdin_buf = bytearray()
+        self.stdin_buf = InputQueue(disk)   # DATA runs wait in the disk's buffers
         self.stdin_eof = False
         self.credit = P.WINDOW            # bytes of output we may still send before dom0 credits us
         self.exit_code = None
@@ -163,7 +163,7 @@ class Agent:
     def attach(self, chan, proc):
         """Make a spawned process the call on channel ``chan``."""
         pid, pidfd, in_w, out_r, err_r, _ = proc
-        call = Call(chan, pid, pidfd, in_w, out_r, err_r)
+        call = Call(chan, pid, pidfd, in_w, out_r, err_r, self.data_disk)
         self.calls[chan] = call
         self.by_fd[in_w] = (call, "stdin")
         self.by_fd[out_r] = (call, "out")
@@ -413,7 +413,7 @@ class Agent:
                     # Written on POLLOUT, a turn later: what more frames bring in the
                     # meantime goes in the same write and the same CREDIT.  (Writing each
                     # at once made dom0 send smaller DATA runs, each a disk read: 4x slower.)
-                    call.stdin_buf += payload
+                    call.stdin_buf.add(payload)
             elif mtype == P.CREDIT:
                 call.credit += P.parse_u32(payload)
             elif mtype == P.SIGNAL:
@@ -579,14 +579,12 @@ class Agent:
         if call.stdin_fd is None or not call.stdin_buf:
             return
         try:
-            n = os.write(call.stdin_fd, call.stdin_buf)
+            n = call.stdin_buf.write(call.stdin_fd)
         except BlockingIOError:
             return
         except BrokenPipeError:
-            n = len(call.stdin_buf)
+            n = call.stdin_buf.size
             self.close_stdin(call)
-        else:
-            del call.stdin_buf[:n]
         if not call.orphaned:
             self.send(P.CREDIT, call.chan, P.u32(n))
         if call.stdin_eof and not call.stdin_buf:

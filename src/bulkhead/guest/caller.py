@@ -224,6 +224,8 @@ class Caller:
         if mtype in (P.STDOUT, P.STDERR):
             if payload:
                 call.bufs[mtype] += payload
+                if isinstance(payload, memoryview):   # a DATA run's: copied, so done with
+                    self.agent.data_disk.give_back(payload)
         elif mtype == P.CREDIT:
             n = P.parse_u32(payload)
             call.credit += n

@@ -27,6 +27,10 @@ ALIGN = 512            # virtio-blk's logical block: O_DIRECT's unit of offset a
 # virtio-serial (and interactive input comes a few bytes at a time).
 MIN_OUT = 4096
 F_SETPIPE_SZ = 1031
+# DATA runs from this size on are lent in their read buffer rather than copied; at
+# most KEEP_BUFS buffers (a MiB each) are kept for reuse.
+LEND_MIN = 64 * 1024
+KEEP_BUFS = 2
 
 
 def widen_pipe(fd):
@@ -39,6 +43,12 @@ def widen_pipe(fd):
         fcntl.fcntl(fd, F_SETPIPE_SZ, P.DATA_MAX)
     except OSError:
         pass   # a smaller pipe only costs more turns
+
+
+def _read_buffer():
+    import mmap  # noqa: PLC0415 -- only a qube that is sent bulk data pays for it
+
+    return mmap.mmap(-1, P.DATA_MAX + 2 * ALIGN)
 
 
 def find_disk():
@@ -60,12 +70,12 @@ def find_disk():
 class DataDisk:
     def __init__(self):
         self.fd = None
-        self.buf = None
         self.size = 0
         self.writable = False
         self.missing = False          # looked for once and not found: frames only
         self.out_free = []            # chunks of our area nobody uses
         self.out_buf = None
+        self.free_bufs = []           # read buffers no input waiting to be written holds
 
     def open(self):
         import mmap  # noqa: PLC0415 -- only a qube that is sent bulk data pays for it
@@ -82,9 +92,6 @@ class DataDisk:
         self.size = os.lseek(fd, 0, os.SEEK_END)
         if self.size < P.DATA_DISK_SIZE:
             self.writable = False
-        # Page-aligned (O_DIRECT wants an aligned buffer), room for a whole DATA run
-        # and the partial blocks at either end.
-        self.buf = mmap.mmap(-1, P.DATA_MAX + 2 * ALIGN)
         self.out_buf = mmap.mmap(-1, P.DATA_OUT_CHUNK)
         self.out_free = list(range(P.DATA_OUT_CHUNKS))
         self.fd = fd
@@ -137,21 +144,83 @@ class DataDisk:
         return self.out_buf[:n]
 
     def read(self, offset, length):
-        """The ``length`` bytes at ``offset`` (dom0's numbers: trusted, but checked), as
-        a view of our buffer that the next read overwrites."""
+        """The ``length`` bytes at ``offset`` (dom0's numbers: trusted, but checked).
+
+        A big run comes as a view of a read buffer of its own, no copy (100 MB
+        copied costs ~0.2 s under TCG): whoever keeps it hands the buffer back
+        with :meth:`give_back` once its bytes are used (a buffer not handed back
+        is just freed).  A small one comes as bytes, so that a few KiB do not
+        hold a MiB."""
         if self.fd is None:
             self.open()
         if offset + length > self.size:
             raise P.ProtocolViolation("DATA beyond the data disk's %d bytes" % self.size)
         start = offset - offset % ALIGN
         end = -(-(offset + length) // ALIGN) * ALIGN
-        view = memoryview(self.buf)
+        # Page-aligned (O_DIRECT wants an aligned buffer), room for a whole DATA run
+        # and the partial blocks at either end.
+        buf = self.free_bufs.pop() if self.free_bufs else _read_buffer()
+        view = memoryview(buf)
         got = 0
         while start + got < offset + length:
             n = os.preadv(self.fd, [view[got:end - start]], start + got)
             if n <= 0:
                 raise OSError("short read of the data disk at %d" % (start + got))
             got += n
-        # A view, not a copy (100 MB copied costs ~0.2 s under TCG): whoever takes
-        # the bytes appends them to a buffer of its own before the next read.
-        return view[offset - start:offset - start + length]
+        data = view[offset - start:offset - start + length]
+        if length < LEND_MIN:
+            data = bytes(data)
+            self.give_back(view)
+        return data
+
+    def give_back(self, view):
+        """A view :meth:`read` returned is used up: its buffer serves the next read."""
+        if len(self.free_bufs) < KEEP_BUFS:
+            self.free_bufs.append(view.obj)
+
+
+class InputQueue:
+    """What waits for a child's stdin: frames' bytes (copied) and big DATA runs, left
+    in the read buffers they came in (see :meth:`DataDisk.read`) until written."""
+
+    def __init__(self, disk):
+        self.disk = disk
+        self.parts = []
+        self.size = 0
+
+    def __bool__(self):
+        return self.size > 0
+
+    def add(self, data):
+        if isinstance(data, memoryview):
+            self.parts.append(data)
+        elif self.parts and isinstance(self.parts[-1], bytearray):
+            self.parts[-1] += data
+        else:
+            self.parts.append(bytearray(data))
+        self.size += len(data)
+
+    def write(self, fd):
+        """Write as much as ``fd`` takes in one call; returns how much (OSError as os.writev)."""
+        n = os.writev(fd, self.parts[:64])
+        self.drop(n)
+        return n
+
+    def drop(self, n):
+        """Forget the first ``n`` bytes (written, or nobody reads them)."""
+        self.size -= n
+        while n:
+            part = self.parts[0]
+            if n < len(part):
+                if isinstance(part, bytearray):
+                    del part[:n]
+                else:
+                    self.parts[0] = part[n:]
+                return
+            n -= len(part)
+            del self.parts[0]
+            if isinstance(part, memoryview):
+                self.disk.give_back(part)
+
+    def clear(self):
+        self.drop(self.size)
