@@ -45,10 +45,11 @@ def widen_pipe(fd):
         pass   # a smaller pipe only costs more turns
 
 
-def _read_buffer():
+def _aligned(size):
+    """A page-aligned buffer (O_DIRECT wants one) of ``size`` bytes."""
     import mmap  # noqa: PLC0415 -- only a qube that is sent bulk data pays for it
 
-    return mmap.mmap(-1, P.DATA_MAX + 2 * ALIGN)
+    return mmap.mmap(-1, size)
 
 
 def find_disk():
@@ -78,8 +79,6 @@ class DataDisk:
         self.free_bufs = []           # read buffers no input waiting to be written holds
 
     def open(self):
-        import mmap  # noqa: PLC0415 -- only a qube that is sent bulk data pays for it
-
         path = find_disk()
         if path is None:
             self.missing = True
@@ -92,7 +91,7 @@ class DataDisk:
         self.size = os.lseek(fd, 0, os.SEEK_END)
         if self.size < P.DATA_DISK_SIZE:
             self.writable = False
-        self.out_buf = mmap.mmap(-1, P.DATA_OUT_CHUNK)
+        self.out_buf = _aligned(P.DATA_OUT_CHUNK)
         self.out_free = list(range(P.DATA_OUT_CHUNKS))
         self.fd = fd
 
@@ -157,9 +156,8 @@ class DataDisk:
             raise P.ProtocolViolation("DATA beyond the data disk's %d bytes" % self.size)
         start = offset - offset % ALIGN
         end = -(-(offset + length) // ALIGN) * ALIGN
-        # Page-aligned (O_DIRECT wants an aligned buffer), room for a whole DATA run
-        # and the partial blocks at either end.
-        buf = self.free_bufs.pop() if self.free_bufs else _read_buffer()
+        # Room for a whole DATA run and the partial blocks at either end.
+        buf = self.free_bufs.pop() if self.free_bufs else _aligned(P.DATA_MAX + 2 * ALIGN)
         view = memoryview(buf)
         got = 0
         while start + got < offset + length:
