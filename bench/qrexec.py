@@ -11,7 +11,7 @@ Prints, in one run:
 - the median round trip of a call to a service that does nothing
   (goal: <= 30 ms; Qubes R3.2 took 0.26 s), timed in ``work`` by a loop that
   speaks to the agent's socket as ``qrexec-client-vm`` does, and the same
-  through the ``qrexec-client-vm`` program (a Python start each time).
+  through the ``qrexec-client-vm`` program (a fork and exec each time).
 
 Usage: bench/qrexec.py [--mb N] [--calls N] [--copies N]
 """
@@ -112,7 +112,8 @@ def main() -> int:
         tooks.sort()
         took = tooks[len(tooks) // 2]
         copy = size / took / 1e6
-        # What a copy costs besides its bytes (two Python starts, the call, the policy).
+        # What a copy costs besides its bytes (qvm-copy's shell, the call, the policy, the
+        # unpacker's fork in the target).
         small = float(run(inst, "work", "echo x > /home/user/small; s=$(date +%s%N); "
                                         "qvm-copy-to-vm personal /home/user/small >&2; "
                                         "e=$(date +%s%N); echo $(( (e - s) / 1000 ))")) / 1e6

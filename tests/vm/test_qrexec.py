@@ -58,6 +58,39 @@ def test_an_allowed_call_joins_the_two_qubes(bulkhead, two):
     assert "allow source=work target=personal service=test.Echo argument=some-arg" in log
 
 
+def test_the_client_filters_escapes_runs_a_local_program_and_checks_its_arguments(bulkhead, two):
+    # -t: the service's escape characters reach this terminal as "_"
+    r = bulkhead.run("work", "printf '\\033[2Jdone\\n' | qrexec-client-vm -t personal test.Echo; "
+                             "echo rc=$?", check=False)
+    assert r.stdout.endswith("_[2Jdone\nrc=7\n"), r
+    # LOCAL_PROGRAM: its stdout is the call's input, the service's output its stdin;
+    # its failure is the call's exit code
+    r = qrexec(bulkhead, "work", "personal", "test.Echo",
+               local="sh -c 'echo to-service; exec >&-; cat > /tmp/from-service; exit 3'")
+    assert r.stdout == "rc=3\n", r
+    assert bulkhead.run("work", "cat /tmp/from-service").stdout.endswith("to-service\n")
+    r = qrexec(bulkhead, "work", "personal", "")
+    assert r.stdout == "rc=2\n" and "TARGET and SERVICE are needed" in r.stderr, r
+
+
+def test_a_calls_pipes_reach_no_other_process_of_the_agent(bulkhead, two):
+    # A call in flight; then commands, for which the agent starts new spare shells.
+    # None may inherit the client's pipes (that kept them open after the call).
+    bulkhead.run("work", "(sleep 30 | qrexec-client-vm personal test.Echo) "
+                         ">/dev/null 2>&1 </dev/null & sleep 2")
+    for _ in range(2):
+        bulkhead.run("work", "true")
+    holders = bulkhead.run("work", r"""
+        c=$(pgrep -x qrexec-client-v); pipe=$(readlink /proc/$c/fd/0)
+        for p in /proc/[0-9]*; do
+            [ "$(cat $p/comm)" = qrexec-agent ] && continue     # it relays the call
+            for f in $p/fd/*; do
+                [ "$(readlink $f)" = "$pipe" ] && cat $p/comm && break
+            done
+        done 2>/dev/null; pkill -x sleep; true""", user="root").stdout
+    assert sorted(holders.split()) == ["qrexec-client-v", "sleep"], holders
+
+
 def test_a_denied_call_reaches_nobody_and_says_so(bulkhead, two):
     bulkhead.ensure_running("untrusted")
     bulkhead.run("personal", "rm -f /tmp/last-caller", user="root")

@@ -25,7 +25,7 @@ import stat
 from . import protocol as P
 from .datadisk import MIN_OUT, widen_pipe
 
-SOCKET = "/run/bulkhead/qrexec-agent.sock"
+SOCKET = "/run/bulkhead/qrexec-agent.sock"   # also in guest/c/qrexec-client-vm.c
 REQUEST_MAX = P.PAYLOAD_LIMIT[P.CALL]
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
 TTY_CHUNK = 512
@@ -82,7 +82,10 @@ class Caller:
         for fd, (obj, role) in self.fds.items():
             if role in ("listen", "client"):
                 want[fd] = POLLIN
-            elif role == "in" and obj.credit > 0 and len(self.agent.out) < 4 * 1024 * 1024:
+            elif (role == "in" and obj.credit >= MIN_OUT
+                  and len(self.agent.out) < 4 * 1024 * 1024):
+                # Not for a few bytes of credit: dom0 gives more as the target reads,
+                # and a read that small would go as a frame of its own.
                 want[fd] = POLLIN
             elif role == "out" and any(obj.bufs[t] and obj.outs[t] == fd for t in obj.bufs):
                 want[fd] = POLLOUT
@@ -110,7 +113,11 @@ class Caller:
     def request(self, fd, conn):
         socket = self._socket
         try:
-            msg, anc, _, _ = conn.recvmsg(REQUEST_MAX, socket.CMSG_SPACE(3 * 4))
+            # Close-on-exec from the start: else every process the agent starts
+            # during the call (a spare shell, a service) would inherit the client's
+            # pipes and hold them open after the call.
+            msg, anc, _, _ = conn.recvmsg(REQUEST_MAX, socket.CMSG_SPACE(3 * 4),
+                                          socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return                  # not here yet: POLLIN says when
         except OSError:

@@ -36,7 +36,7 @@ KEEP_BUFS = 2
 def widen_pipe(fd):
     """Let the pipe ``fd`` hold a whole DATA run (1 MiB): one write and one CREDIT for
     it, not one per 64 KiB (each a turn of the agent's loop under TCG).  Used for a
-    child's input, a call's input and the file-copy sender's output."""
+    child's input and a call's input (qfile-agent widens its own output)."""
     import fcntl  # noqa: PLC0415 -- as mmap above
 
     try:

@@ -1,9 +1,10 @@
 """qubes.Filecopy: copying files between qubes (``qvm-copy``), both ends.
 
-The sender (``qfile-agent``, run by ``qvm-copy`` through ``qrexec-client-vm``)
-writes a stream of entries; the receiver (``qfile-unpacker``, the
-``qubes.Filecopy`` service in the target) unpacks them into
-``~/QubesIncoming/<source>/`` and answers with one status line.
+The sender (``qfile-agent``, run by ``qvm-copy`` through ``qrexec-client-vm``;
+in C, ``guest/c/qfile-agent.c``, as it starts once per copy) writes a stream of
+entries; the receiver (this module, the ``qubes.Filecopy`` service in the
+target) unpacks them into ``~/QubesIncoming/<source>/`` and answers with one
+status line.
 
 The receiver is the trust boundary: the sender is another qube, perhaps a
 compromised one.  It accepts only what this format can say and only where it
@@ -38,17 +39,14 @@ This module imports builtins only (it runs in qubes, started under TCG).
 
 import errno
 import os
-import stat
 import sys
-
-from .datadisk import widen_pipe
 
 MAGIC = b"BHFC1\n"
 HEADER = 1 + 2 + 4 + 8
 MAX_NAME = 4096
 MAX_COMPONENT = 255
 CHUNK = 65536
-SEND_MAX = 1024 * 1024   # one sendfile or splice: a pipe's worth (widen_pipe)
+SEND_MAX = 1024 * 1024   # one splice: a pipe's worth (the agent widens our stdin)
 DEFAULT_LIMIT = 16 * 1024**3
 LIMIT_FILE = "/usr/local/etc/bulkhead/filecopy-limit"
 INCOMING = "QubesIncoming"
@@ -58,74 +56,7 @@ class Refused(Exception):
     """What the receiver will not take; the message names what and why."""
 
 
-# --- sending ---------------------------------------------------------------------------
-
-def _entry(kind, name, mode, size):
-    raw = name.encode("utf-8", "surrogateescape")
-    return (kind + len(raw).to_bytes(2, "little") + (mode & 0o777).to_bytes(4, "little")
-            + size.to_bytes(8, "little") + raw)
-
-
-def send(paths, out_fd):
-    """Write ``paths`` (files or directories, recursively) to ``out_fd``."""
-    if stat.S_ISFIFO(os.fstat(out_fd).st_mode):
-        widen_pipe(out_fd)   # the agent then takes a STREAM_READ at a time
-    out = os.fdopen(out_fd, "wb", buffering=CHUNK, closefd=False)
-    out.write(MAGIC)
-    for path in paths:
-        base = os.path.basename(os.path.normpath(path))
-        _send_one(out, path, base)
-    out.write(b"E")
-    out.flush()
-
-
-def _send_one(out, path, name):
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        target = os.readlink(path).encode("utf-8", "surrogateescape")
-        out.write(_entry(b"L", name, 0o777, len(target)) + target)
-    elif stat.S_ISDIR(st.st_mode):
-        out.write(_entry(b"D", name, st.st_mode, 0))
-        for child in sorted(os.listdir(path)):
-            _send_one(out, os.path.join(path, child), name + "/" + child)
-    elif stat.S_ISREG(st.st_mode):
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            out.write(_entry(b"F", name, st.st_mode, size))
-            out.flush()
-            _send_content(f.fileno(), out.fileno(), size, path)
-    else:
-        raise OSError("%s: not a regular file, directory or symlink" % path)
-
-
-def _send_content(in_fd, out_fd, size, path):
-    """``size`` bytes of the file ``in_fd`` to ``out_fd`` by the kernel, with no Python
-    loop per CHUNK (costly under TCG): splice into a pipe (the agent's: the page
-    cache's pages themselves go in, up to the pipe's 1 MiB at once, so the agent is
-    woken once a MiB rather than once per 64 KiB as sendfile's internal steps do),
-    else sendfile, else read and write."""
-    left = size
-    move = _splice if stat.S_ISFIFO(os.fstat(out_fd).st_mode) else _sendfile
-    while left:
-        try:
-            n = move(in_fd, out_fd, min(left, SEND_MAX))
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOSYS) or move is _copy_some:
-                raise
-            move = _copy_some if move is _sendfile else _sendfile
-            continue
-        if n == 0:
-            raise OSError("%s shrank while being sent" % path)
-        left -= n
-
-
-def _splice(in_fd, out_fd, n):
-    return os.splice(in_fd, out_fd, n)
-
-
-def _sendfile(in_fd, out_fd, n):
-    return os.sendfile(out_fd, in_fd, None, n)
-
+# --- receiving --------------------------------------------------------------------------
 
 def _copy_some(in_fd, out_fd, n):
     data = os.read(in_fd, n)
@@ -134,35 +65,6 @@ def _copy_some(in_fd, out_fd, n):
         view = view[os.write(out_fd, view):]
     return len(data)
 
-
-def agent_main(argv):
-    """qfile-agent FILE...: stdout to the service, stdin its status."""
-    if not argv:
-        sys.stderr.write("usage: qfile-agent FILE...\n")
-        return 2
-    failure = None
-    try:
-        send(argv, 1)
-    except BrokenPipeError:
-        pass  # the target stopped reading: its status says why
-    except OSError as e:
-        failure = str(e)
-    try:
-        os.close(1)
-    except OSError:
-        pass
-    if failure:
-        sys.stderr.write("qvm-copy: %s\n" % failure)
-        return 1
-    status = sys.stdin.buffer.read(8192).decode("utf-8", "replace").strip()
-    if status != "OK":
-        sys.stderr.write("qvm-copy: the target refused the transfer: %s\n"
-                         % (status or "no answer (refused by policy, or it failed)"))
-        return 1
-    return 0
-
-
-# --- receiving --------------------------------------------------------------------------
 
 def _read_exact(fd, n):
     buf = bytearray()

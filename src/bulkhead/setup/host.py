@@ -15,7 +15,7 @@ PACKAGES = {
     "mmdebstrap": "builds the Debian template",
     "e2fsprogs": "mke2fs: the template's root filesystem",
     "linux-source-6.1": "the source of the qube kernel",
-    "build-essential": "compiles the qube kernel",
+    "build-essential": "compiles the qube kernel, qrexec-client-vm and qfile-agent",
     "bc": "kernel build",
     "flex": "kernel build",
     "bison": "kernel build",
