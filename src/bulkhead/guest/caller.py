@@ -171,8 +171,10 @@ class Caller:
 
     # --- data ----------------------------------------------------------------------
     def read_input(self, call):
+        """Called when the input is readable; poll_set asks that only with a page
+        (MIN_OUT) of credit or more."""
         disk = self.agent.data_disk
-        chunk = disk.take_out() if call.credit >= MIN_OUT else None
+        chunk = disk.take_out()
         if chunk is not None:
             # Into a chunk of our area of the data disk, named by a DATA frame
             # (bulkhead_guest.datadisk): no copy into frames, no virtio-serial write.
